@@ -1,0 +1,1 @@
+"""Universal anatomy: canonical structures with synonyms and declarative dataset templates."""

@@ -1,0 +1,1 @@
+"""Data: images with geometry, readers/writers, manifests, transforms, synthetic CT, integrity checks."""

@@ -1,0 +1,1 @@
+"""Foundation models: backbones, universal heads, checkpoint zoo and safe loading."""

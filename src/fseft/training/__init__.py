@@ -1,0 +1,1 @@
+"""Training: partial-label losses, schedules, the pre-training loop (single process and DDP)."""

@@ -1,0 +1,341 @@
+"""Safe checkpoint loading, fseft's model file format, named model specs and ``load_pretrained``.
+
+Model file format (one ``torch.save`` file, loadable with ``weights_only=True``; suffix ``.pt``)::
+
+    {"format": "fseft-model", "version": 1, "config": ModelConfig.to_dict(),
+     "state_dict": {name: tensor}, "extra": JSON-able dict}
+
+Every checkpoint is read with ``torch.load(..., weights_only=True)``: a file holding pickled code or
+arbitrary objects is refused with :class:`CheckpointError`, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from ..io_utils import save_torch_atomic
+from ..registry import Registry
+from .config import ModelConfig
+from .foundation import FoundationModel, build_model
+from .keymaps import LAYOUTS, extract_state_dict
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fseft-model"
+VERSION = 1
+_HEAD_KEYS = ("head.weight", "head.bias")
+
+
+def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors.
+
+    Raises:
+        CheckpointError: naming the file when it is missing, unreadable, or holds pickled code /
+            objects that weights-only loading does not allow (the payload is never executed).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint file not found")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" in str(e).lower():  # the pickle names a callable/class: code, refused unexecuted
+            first = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
+            raise CheckpointError(
+                f"{p}: refused to load: it contains pickled code or objects that are not plain tensors "
+                f"and containers (weights_only=True){'; ' + first if first else ''}"
+            ) from None
+        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint ({e})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did.
+
+    Attributes:
+        source: File or description of the weights.
+        layout: Layout name used to rename keys.
+        loaded: Model keys that received a tensor.
+        missing: Model keys the checkpoint did not provide (left at initialisation).
+        unexpected: Checkpoint keys with no counterpart in the model.
+        mismatched: ``(key, checkpoint shape, model shape)`` for same-named tensors of other shapes.
+        dropped: Checkpoint keys the layout discards by design (other heads, pretext heads).
+        head_rows: Model structure -> checkpoint label whose head row it received.
+        new_head_rows: Model structures whose head row stayed at initialisation.
+    """
+
+    source: str
+    layout: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    head_rows: dict[str, str] = field(default_factory=dict)
+    new_head_rows: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No missing, unexpected or shape-mismatched key."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self, first: int = 3) -> str:
+        """One line: counts and the first few names of each problem."""
+
+        def few(names: Sequence[Any]) -> str:
+            shown = ", ".join(str(n) for n in names[:first])
+            return f" ({shown}{', ...' if len(names) > first else ''})" if names else ""
+
+        mism = [f"{k} {tuple(a)}!={tuple(b)}" for k, a, b in self.mismatched]
+        parts = [
+            f"layout {self.layout}: loaded {len(self.loaded)}",
+            f"missing {len(self.missing)}{few(self.missing)}",
+            f"unexpected {len(self.unexpected)}{few(self.unexpected)}",
+            f"shape-mismatched {len(self.mismatched)}{few(mism)}",
+            f"dropped {len(self.dropped)}",
+        ]
+        if self.head_rows or self.new_head_rows:
+            parts.append(
+                f"head rows mapped {len(self.head_rows)}, new {len(self.new_head_rows)}{few(self.new_head_rows)}"
+            )
+        return ", ".join(parts)
+
+
+def load_pretrained(
+    model: FoundationModel,
+    source: Mapping[str, torch.Tensor] | str | os.PathLike[str],
+    layout: str = "native",
+    *,
+    strict: bool | None = None,
+    label_template: Sequence[str | None] | None = None,
+    source_name: str | None = None,
+) -> LoadReport:
+    """Copy weights in a known layout into ``model`` and report exactly what landed where.
+
+    Args:
+        model: The model to fill (in place).
+        source: A state dict, a loaded checkpoint mapping, or a checkpoint path (weights-only load).
+        layout: Key layout name from :data:`fseft.models.keymaps.LAYOUTS`.
+        strict: Raise unless every key matches; ``None`` uses the layout's default (``native``: strict,
+            public layouts: not strict).
+        label_template: Structure name of each row of the checkpoint's head (``None`` for rows that
+            are no structure, e.g. background). Rows are copied to the model's structures by name.
+        source_name: Name used in messages (defaults to the path or ``"state dict"``).
+
+    Returns:
+        The :class:`LoadReport` (also logged).
+
+    Raises:
+        CheckpointError: unsafe/unreadable file, wrong backbone, or (strict) any key problem.
+        ConfigError: unknown layout.
+    """
+    lay = LAYOUTS.get(layout)
+    name = source_name or (str(source) if isinstance(source, (str, os.PathLike)) else "state dict")
+    raw = safe_torch_load(source) if isinstance(source, (str, os.PathLike)) else source
+    if lay.arch is not None and lay.arch != model.config.arch:
+        raise CheckpointError(
+            f"{name}: layout {layout!r} holds {lay.arch} weights, the model is {model.config.arch}"
+        )
+    state, dropped = lay.convert(extract_state_dict(raw, name))
+    report = LoadReport(source=name, layout=layout, dropped=dropped)
+    target = model.state_dict()
+    head_src = {k: state.pop(k) for k in _HEAD_KEYS if k in state}
+    if label_template is not None and head_src:
+        rows = _map_head_rows(model, head_src, label_template, name, report)
+    else:
+        state.update(head_src)
+        rows = None
+    to_load: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key not in target:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(target[key].shape):
+            report.mismatched.append((key, tuple(value.shape), tuple(target[key].shape)))
+        else:
+            to_load[key] = value
+    handled = set(to_load) | ({*_HEAD_KEYS} if rows is not None else set())
+    report.missing = [k for k in target if k not in handled and k not in {m[0] for m in report.mismatched}]
+    report.loaded = sorted(to_load)
+    if rows is None and not all(k in to_load for k in _HEAD_KEYS):
+        report.new_head_rows = list(model.structures)
+    if (lay.strict if strict is None else strict) and not report.ok:
+        raise CheckpointError(f"{name}: does not match the model: {report.summary()}")
+    model.load_state_dict(to_load, strict=False)
+    if rows is not None:
+        with torch.no_grad():
+            for i, (w, b) in rows.items():
+                model.head.weight[i].copy_(w)
+                model.head.bias[i].copy_(b)
+    log.info("loaded %s: %s", name, report.summary())
+    return report
+
+
+def _map_head_rows(
+    model: FoundationModel,
+    head: dict[str, torch.Tensor],
+    template: Sequence[str | None],
+    name: str,
+    report: LoadReport,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Head rows of ``head`` (public channel order ``template``) keyed by the model's head index."""
+    from ..anatomy import canonical
+
+    weight, bias = head.get("head.weight"), head.get("head.bias")
+    if weight is None or bias is None or weight.shape[0] != len(template) or bias.shape[0] != len(template):
+        shape = None if weight is None else tuple(weight.shape)
+        raise CheckpointError(
+            f"{name}: head {shape} does not match its label template of {len(template)} rows"
+        )
+    if tuple(weight.shape[1:]) != tuple(model.head.weight.shape[1:]):
+        report.mismatched.append(("head.weight", tuple(weight.shape), tuple(model.head.weight.shape)))
+        report.new_head_rows = list(model.structures)
+        return {}
+    index = {canonical(label): j for j, label in enumerate(template) if label is not None}
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i, structure in enumerate(model.structures):
+        j = index.get(structure)
+        if j is None:
+            report.new_head_rows.append(structure)
+        else:
+            rows[i] = (weight[j], bias[j])
+            report.head_rows[structure] = str(template[j])
+    return rows
+
+
+def save_model(
+    model: FoundationModel, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model`` (config + weights + ``extra``) atomically in fseft's model format.
+
+    Args:
+        model: The model to save.
+        path: Destination file (``.pt``).
+        extra: JSON-able metadata (training history, data summary); defaults to ``model.extra``.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ConfigError: when ``extra`` is not JSON-able.
+    """
+    extra = dict(model.extra if extra is None else extra)
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"save_model extra must be JSON-able: {e}") from None
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "extra": extra,
+    }
+    save_torch_atomic(payload, path)
+    return Path(path)
+
+
+def load_model_file(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", strict: bool = True
+) -> FoundationModel:
+    """Load a model saved by :func:`save_model`.
+
+    Raises:
+        CheckpointError: naming the file when it is unsafe, unreadable, not in fseft's format, or its
+            weights do not match its config.
+    """
+    p = Path(path)
+    obj = safe_torch_load(p)
+    if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{p}: not an fseft model file (public checkpoints load with load_pretrained or 'fseft zoo')"
+        )
+    if not isinstance(obj.get("version"), int) or obj["version"] > VERSION:
+        raise CheckpointError(
+            f"{p}: model format version {obj.get('version')!r} is newer than supported ({VERSION})"
+        )
+    try:
+        cfg = ModelConfig.from_dict(obj["config"])
+        model = build_model(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"{p}: invalid model config: {e}") from None
+    load_pretrained(model, obj["state_dict"], "native", strict=strict, source_name=str(p))
+    model.extra = dict(obj.get("extra") or {})
+    return model.to(torch.device(map_location))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model (timm-style): weights, preprocessing and label template travel together.
+
+    Args:
+        name: Registry name, e.g. ``unet-small.synth``.
+        source: An fseft model file, or a zero-argument builder returning a ready model.
+        description: One line for listings.
+    """
+
+    name: str
+    source: Path | Callable[[], FoundationModel]
+    description: str = ""
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+
+
+def register_model_spec(
+    name: str, source: str | os.PathLike[str] | Callable[[], FoundationModel], description: str = ""
+) -> ModelSpec:
+    """Register a named model for :func:`load_model`.
+
+    Raises:
+        ConfigError: when ``name`` is already registered.
+    """
+    src = source if callable(source) else Path(source)
+    return MODELS.add(name, ModelSpec(name, src, description))
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", strict: bool = True
+) -> FoundationModel:
+    """Load a model from a file, a registered model name, or a downloaded zoo checkpoint name.
+
+    Args:
+        name_or_path: An fseft model file, a :func:`register_model_spec` name, or a zoo name
+            (:mod:`fseft.models.zoo`; the checkpoint must have been downloaded).
+        map_location: Device the returned model lives on.
+        strict: For fseft model files: every key must match.
+
+    Raises:
+        CheckpointError: unsafe/unreadable/mismatched file, or a zoo checkpoint not downloaded yet.
+        ConfigError: an unknown name (listing registered models and zoo names).
+    """
+    from . import zoo
+
+    p = Path(name_or_path)
+    key = str(name_or_path)
+    if p.is_file():
+        model = load_model_file(p, strict=strict)
+    elif key in MODELS:
+        src = MODELS.get(key).source
+        model = load_model_file(src, strict=strict) if isinstance(src, Path) else src()
+    elif key in zoo.ZOO:
+        model = zoo.load_zoo_model(key)
+    elif os.sep in key or p.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        raise CheckpointError(f"{p}: model file not found")
+    else:
+        raise ConfigError(
+            f"unknown model {key!r}: not a file; registered models: {', '.join(MODELS.names()) or '(none)'}; "
+            f"zoo: {', '.join(zoo.ZOO.names())}"
+        )
+    return model.to(torch.device(map_location))

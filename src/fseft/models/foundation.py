@@ -1,0 +1,149 @@
+"""``FoundationModel``: a backbone plus the universal head (one 1x1x1 output channel per structure).
+
+Silva-Rodríguez, Dolz & Ben Ayed, MedIA 2025: a supervised-pretrained volumetric model whose head
+holds one sigmoid classifier per anatomical structure; adaptation methods reuse its decoder
+features (:meth:`FoundationModel.features`) and its head rows (:meth:`FoundationModel.head_row`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .backbones import BackboneSpec, RoleMap, get_backbone
+from .config import ModelConfig
+
+
+class FoundationModel(nn.Module):
+    """Backbone + universal head.
+
+    Args:
+        cfg: The model configuration (kept as ``.config``).
+
+    Raises:
+        ConfigError: when the backbone is unknown or rejects the configuration or its ROI.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        spec = get_backbone(cfg.arch)
+        spec.check(cfg)
+        spec.check_shape(cfg.preprocess.roi, what="preprocess.roi")
+        self.config = cfg
+        self.spec: BackboneSpec = spec
+        self.backbone = spec.build(cfg)
+        self.feature_channels = spec.out_channels(cfg)
+        self.head = nn.Conv3d(self.feature_channels, len(cfg.structures), kernel_size=1)
+        #: JSON-able metadata saved with the model (training history, data summary)
+        self.extra: dict[str, Any] = {}
+
+    @property
+    def structures(self) -> tuple[str, ...]:
+        """Canonical structure names, one per head channel, in channel order."""
+        return self.config.structures
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final decoder feature map.
+
+        Args:
+            x: ``[B, in_channels, X, Y, Z]`` with sides legal for the backbone.
+
+        Returns:
+            ``[B, F, X, Y, Z]`` with ``F = feature_channels``.
+
+        Raises:
+            ConfigError: when the input's channels or spatial sizes are illegal for the backbone.
+        """
+        if x.ndim != 5 or x.shape[1] != self.config.in_channels:
+            raise ConfigError(
+                f"model expects input [B, {self.config.in_channels}, X, Y, Z], got {list(x.shape)}"
+            )
+        self.spec.check_shape(x.shape[2:])
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, S, X, Y, Z]``, one channel per structure (apply a sigmoid for probabilities)."""
+        return self.head(self.features(x))
+
+    def structure_index(self, name: str) -> int:
+        """Head channel of structure ``name`` (synonyms resolved by :func:`fseft.anatomy.canonical`).
+
+        Raises:
+            ConfigError: naming the model's structures when ``name`` is not one of them.
+        """
+        from ..anatomy import canonical
+
+        try:
+            key = canonical(name)
+        except ConfigError:
+            key = name
+        if key not in self.structures:
+            raise ConfigError(
+                f"structure {name!r} is not in this model's head; known: {', '.join(self.structures)}"
+            )
+        return self.structures.index(key)
+
+    def head_row(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's classifier for one structure, to initialise a new head from it.
+
+        Returns:
+            ``(weight [F], bias [])``: detached copies.
+
+        Raises:
+            ConfigError: naming the model's structures when ``name`` is not one of them.
+        """
+        i = self.structure_index(name)
+        return self.head.weight[i, :, 0, 0, 0].detach().clone(), self.head.bias[i].detach().clone()
+
+    @property
+    def roles(self) -> RoleMap:
+        """Named module groups (``encoder``, ``bottleneck``, ``decoder``, ``head`` and per-backbone
+        ``qkv``/``proj``/``mlp``/``norm`` or ``conv``/``norm``), names relative to this model."""
+        out = {
+            role: {f"backbone.{name}": m for name, m in group.items()}
+            for role, group in self.spec.roles(self.backbone).items()
+        }
+        out["head"] = {"head": self.head}
+        return out
+
+    def role(self, name: str) -> dict[str, nn.Module]:
+        """One group of :attr:`roles`.
+
+        Raises:
+            ConfigError: listing the roles this backbone has when ``name`` is not one of them.
+        """
+        roles = self.roles
+        if name not in roles:
+            raise ConfigError(
+                f"backbone {self.config.arch!r} has no role {name!r}; roles: {', '.join(roles)}"
+            )
+        return roles[name]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters (only those with ``requires_grad`` when ``trainable_only``)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def fingerprint(self) -> str:
+        """Short sha256 over the sorted state dict (names, dtypes, shapes, values).
+
+        Adapter files record it to refuse being applied to a different base model.
+        """
+        h = hashlib.sha256()
+        for key, value in sorted(self.state_dict().items()):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def build_model(cfg: ModelConfig) -> FoundationModel:
+    """A randomly initialised :class:`FoundationModel` for ``cfg``.
+
+    Raises:
+        ConfigError: for an unknown backbone or a configuration/ROI it rejects.
+    """
+    return FoundationModel(cfg)

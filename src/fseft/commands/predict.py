@@ -1,0 +1,159 @@
+"""``fseft predict INPUT... --out DIR``: segment CT volumes and write the result on each input's own grid."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+#: Model used when ``--model`` is not given, if it is registered (fseft.models.register_model_spec).
+DEFAULT_MODEL = "unet-small.synth"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``predict`` subcommand."""
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment CT volumes with a foundation model (optionally adapted) into label maps or masks",
+        description="Segment CT volumes and write each prediction in its input's own grid and affine "
+        "(crop, padding, resampling and reorientation undone in world space). INPUT is an image file "
+        "(NIfTI, NRRD, MHA), a folder of them, a DICOM series folder, or a dataset manifest (CSV, "
+        "dataset.json, TotalSegmentator tree). The model's own preprocessing (orientation, spacing, HU "
+        "window, body crop) is applied, then overlapping sliding windows with Gaussian blending. "
+        "Outputs: <case>.nii.gz + labels.json (label values 1..S in the model's structure order, the "
+        "names 'fseft evaluate' reads), or with --format masks one <case>/<structure>.nii.gz per "
+        "structure. Existing outputs are refused before anything runs unless --overwrite.",
+        epilog="Example: fseft predict scans/ --model model.pt --adapter liver.safetensors --out preds --tta",
+    )
+    parser.add_argument(
+        "inputs", nargs="+", type=Path, metavar="INPUT", help="image, folder, DICOM folder or manifest"
+    )
+    parser.add_argument("-o", "--out", type=Path, required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME|FILE",
+        help=f"registered model name, downloaded zoo name or fseft model file (default: {DEFAULT_MODEL}, if registered)",
+    )
+    parser.add_argument(
+        "--adapter", type=Path, default=None, metavar="FILE", help="adapter file to apply to the model"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("labelmap", "masks"),
+        default="labelmap",
+        help="one label map per case, or one mask per structure",
+    )
+    parser.add_argument(
+        "--probabilities",
+        nargs="?",
+        const="uint8",
+        choices=("uint8", "float32"),
+        default=None,
+        help="also write <case>_probabilities/<structure>.nii.gz (uint8 scaled by 1/255, or float32)",
+    )
+    parser.add_argument(
+        "--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)"
+    )
+    parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    parser.add_argument(
+        "--tta", action="store_true", help="average over the 8 flip combinations of the 3 axes"
+    )
+    parser.add_argument(
+        "--largest-cc", action="store_true", help="keep the largest connected component of each structure"
+    )
+    parser.add_argument(
+        "--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision (CUDA only)"
+    )
+    parser.add_argument("--device", default="auto", help="where the windows run: auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--chunk-slices",
+        type=int,
+        default=32,
+        help="slab thickness when writing back to the input grid (bounds memory)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check inputs and outputs, load the model, predict every input with progress bars."""
+    from rich.console import Console
+
+    from ..inference import OutputConfig, PredictConfig, find_inputs, predict_files
+
+    config = PredictConfig(
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+        tta=args.tta,
+        largest_cc=args.largest_cc,
+        device=args.device,
+        amp=args.amp,
+        chunk=args.chunk_slices,
+    )
+    output = OutputConfig(
+        out=args.out, format=args.format, probabilities=args.probabilities, overwrite=args.overwrite
+    )
+    inputs = find_inputs(args.inputs)
+    model = _load(args.model, args.adapter)
+    console = Console(stderr=True)
+    with _PredictProgress(console, len(inputs)) as (on_case, on_window):
+        written = predict_files(model, inputs, output, config=config, on_case=on_case, progress=on_window)
+    cases = sum(1 for p in written if p.name != "labels.json")
+    console.print(f"wrote {cases} file(s) for {len(inputs)} case(s) to {args.out}")
+    return 0
+
+
+def _load(name: str | None, adapter: Path | None) -> Any:
+    from ..errors import ConfigError
+    from ..models import MODELS, load_model
+
+    if name is None:
+        if DEFAULT_MODEL not in MODELS:
+            raise ConfigError(
+                f"no --model given and the default model {DEFAULT_MODEL!r} is not registered; "
+                "pass --model NAME or FILE (see 'fseft zoo list')"
+            )
+        name = DEFAULT_MODEL
+    model = load_model(name)
+    if adapter is None:
+        return model
+    from ..adapt.adapter_io import load_adapter
+
+    return load_adapter(adapter, model)
+
+
+class _PredictProgress:
+    """Two rich bars: cases across the batch, windows within the current case."""
+
+    def __init__(self, console: Any, n_cases: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+            disable=not console.is_terminal,
+        )  # fmt: skip
+        self.cases = self.bar.add_task("cases", total=n_cases)
+        self.windows = self.bar.add_task("windows", total=None)
+
+    def __enter__(self) -> tuple[Any, Any]:
+        self.bar.__enter__()
+        return self.on_case, self.on_window
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def on_case(self, index: int, count: int, item: Any) -> None:
+        self.bar.update(self.cases, completed=index)
+        self.bar.reset(self.windows, total=None, description=f"{item.name}")
+
+    def on_window(self, done: int, total: int) -> None:
+        self.bar.update(self.windows, completed=done, total=total)

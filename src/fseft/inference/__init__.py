@@ -1,0 +1,25 @@
+"""Inference: sliding-window prediction mapped back to the input's own grid, and writing it.
+
+Public API: :func:`predict_image` (one in-memory image -> :class:`Prediction`), :func:`predict_files`
+(files, folders, DICOM series, manifests -> files), :class:`PredictConfig`, :class:`OutputConfig`,
+:func:`find_inputs`.
+"""
+
+from .inputs import PredictInput, find_inputs
+from .predictor import PredictConfig, Prediction, describe_model, predict_image
+from .writer import FORMATS, LABELS_JSON, PROBABILITY_DTYPES, OutputConfig, predict_files, write_prediction
+
+__all__ = [
+    "FORMATS",
+    "LABELS_JSON",
+    "PROBABILITY_DTYPES",
+    "OutputConfig",
+    "PredictConfig",
+    "PredictInput",
+    "Prediction",
+    "describe_model",
+    "find_inputs",
+    "predict_files",
+    "predict_image",
+    "write_prediction",
+]

@@ -1,0 +1,291 @@
+"""Predict one image: preprocess, sliding-window inference (optionally with flips), back to the input grid.
+
+The model runs on the preprocessed grid given by the model's own
+:class:`~fseft.config.PreprocessConfig` (the ``infer`` transforms of :mod:`fseft.data.transforms`:
+reorient, resample, HU window, body crop, pad). The probabilities are mapped back to the input's
+grid in world space by :mod:`fseft.inference.postprocess` (one affine mapping, slab by slab), so
+the prediction has exactly the input's shape and affine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import PreprocessConfig
+from ..data.image import Image
+from ..errors import ConfigError
+from ..models import FoundationModel, sliding_window_logits
+from ..runtime import autocast, resolve_amp, resolve_device
+from . import postprocess
+
+log = logging.getLogger(__name__)
+
+#: ``(windows done, windows in total)`` for the image being predicted.
+WindowProgress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How to run inference.
+
+    Args:
+        overlap: Overlap of neighbouring sliding windows, in ``[0, 1)``.
+        sw_batch_size: Windows per forward pass.
+        blend: Blending of overlapping windows: ``"gaussian"`` or ``"constant"``.
+        tta: Test-time augmentation: average the probabilities over the 8 combinations of flips
+            of the 3 axes (nnU-Net's mirroring; 8 times the compute).
+        largest_cc: Keep only the largest connected component (26-connectivity) of each structure.
+        threshold: Decision level of binary (sigmoid) tasks.
+        device: Where the windows run: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        output_device: Where the sliding-window output is stitched (``"cpu"`` keeps GPU memory small).
+        amp: Mixed precision ``"off"``, ``"bf16"`` or ``"fp16"`` (CUDA only; ignored on CPU).
+        chunk: Slices per slab when mapping back to the input grid (bounds memory on large inputs).
+        probabilities: Keep the probabilities so :attr:`Prediction.probabilities` can give them.
+    """
+
+    overlap: float = 0.5
+    sw_batch_size: int = 1
+    blend: str = "gaussian"
+    tta: bool = False
+    largest_cc: bool = False
+    threshold: float = 0.5
+    device: str = "auto"
+    output_device: str = "cpu"
+    amp: str = "off"
+    chunk: int = 32
+    probabilities: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.sw_batch_size < 1:
+            raise ConfigError(f"sw_batch_size must be >= 1, got {self.sw_batch_size}")
+        if self.blend not in ("gaussian", "constant"):
+            raise ConfigError(f"blend must be 'gaussian' or 'constant', got {self.blend!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.chunk < 1:
+            raise ConfigError(f"chunk must be >= 1 slice, got {self.chunk}")
+
+
+class ProbabilityMaps(Mapping[str, Image]):
+    """Structure -> probability map on the input grid, each resampled when it is asked for.
+
+    Holding every map of a large input at once would take ``S`` full-resolution volumes; this
+    mapping keeps the (small) model-grid probabilities and resamples one structure at a time.
+    """
+
+    def __init__(
+        self, probs: np.ndarray, structures: tuple[str, ...], mapping: np.ndarray, image: Image, chunk: int
+    ) -> None:
+        self._probs = probs
+        self._offset = probs.shape[0] - len(structures)
+        self._index = {name: i for i, name in enumerate(structures)}
+        self._mapping = mapping
+        self._image = image
+        self._chunk = chunk
+
+    def __getitem__(self, name: str) -> Image:
+        prob = self._probs[self._offset + self._index[name]]
+        array = postprocess.probability_map(prob, self._mapping, self._image.shape, chunk=self._chunk)
+        return Image(array, self._image.affine.copy(), self._image.path)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+@dataclass
+class Prediction:
+    """A prediction on the input image's grid.
+
+    Args:
+        label: Label map (uint8): 0 background, ``i + 1`` = ``structures[i]``; the input's shape and affine.
+        probabilities: Structure -> probability map (float32, input grid), when requested.
+        structures: Structure names, in label-value order.
+    """
+
+    label: Image
+    probabilities: Mapping[str, Image] | None
+    structures: tuple[str, ...]
+
+
+def describe_model(model: nn.Module) -> tuple[tuple[str, ...], str, PreprocessConfig, FoundationModel]:
+    """Structures, task, preprocessing and foundation model of a model or an adapted model.
+
+    Args:
+        model: A :class:`~fseft.models.FoundationModel` (binary: one sigmoid per structure) or an
+            :class:`~fseft.adapt.AdaptedModel` (its own structures and task, its base's preprocessing).
+
+    Returns:
+        ``(structures, task, preprocess, foundation model)``.
+
+    Raises:
+        ConfigError: for any other module.
+    """
+    from ..adapt.model import AdaptedModel
+
+    if isinstance(model, FoundationModel):
+        return model.structures, "binary", model.config.preprocess, model
+    if isinstance(model, AdaptedModel):
+        return tuple(model.structures), model.task, model.base.config.preprocess, model.base
+    raise ConfigError(
+        f"cannot predict with a {type(model).__name__}: expected a FoundationModel or AdaptedModel"
+    )
+
+
+def preprocess_image(
+    image: Image, cfg: PreprocessConfig, structures: tuple[str, ...]
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Apply the model's ``infer`` transforms to an in-memory image.
+
+    Args:
+        image: The input volume (HU).
+        cfg: The model's preprocessing.
+        structures: The model's structures.
+
+    Returns:
+        ``([1, 1, X, Y, Z] float tensor, its voxel -> world affine)`` on the model grid.
+    """
+    from monai.data import MetaTensor
+
+    from ..data.transforms import LoadCased, Pipeline, preprocess_transforms
+
+    steps = [t for t in preprocess_transforms(cfg, structures, "infer") if not isinstance(t, LoadCased)]
+    affine = torch.as_tensor(image.affine, dtype=torch.float64)
+    tensor = MetaTensor(torch.as_tensor(np.asarray(image.array, dtype=np.float32))[None], affine=affine)
+    out = Pipeline(steps)({"image": tensor})["image"]
+    return out.as_tensor()[None].float(), out.affine.detach().cpu().numpy().astype(np.float64)
+
+
+def count_windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
+    """Number of sliding windows MONAI uses over a volume of ``shape`` (padded to at least ``roi``)."""
+    from monai.data.utils import dense_patch_slices
+
+    size = [max(int(s), int(r)) for s, r in zip(shape, roi, strict=True)]
+    interval = [r if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(size, roi, strict=True)]
+    return len(dense_patch_slices(size, roi, interval))
+
+
+class _Counted(nn.Module):
+    """Wraps a model for the sliding window: float32 logits, and a callback per batch of windows."""
+
+    def __init__(self, model: nn.Module, progress: WindowProgress | None, total: int) -> None:
+        super().__init__()
+        self.model = model
+        self.progress = progress
+        self.total = total
+        self.done = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x).float()
+        self.done += x.shape[0]
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+        return out
+
+
+def model_grid_probabilities(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    task: str,
+    roi: tuple[int, int, int],
+    config: PredictConfig,
+    progress: WindowProgress | None = None,
+) -> torch.Tensor:
+    """Probabilities ``[C, X, Y, Z]`` (CPU float32) on the model grid, averaged over flips with TTA.
+
+    Args:
+        model: Maps ``[N, 1, *roi]`` to logits ``[N, C, *roi]``.
+        x: ``[1, 1, X, Y, Z]`` preprocessed image.
+        task: ``"binary"`` (sigmoid per channel) or ``"multiclass"`` (softmax, background at 0).
+        roi: Window size.
+        config: Inference options.
+        progress: Called after every batch of windows with ``(done, total)``.
+
+    Returns:
+        The probabilities (``C`` = structures, plus background first for multiclass).
+    """
+    device = resolve_device(config.device)
+    amp = resolve_amp(config.amp, device)
+    out_device = resolve_device(config.output_device)
+    flips = (
+        [()] + [c for n in (1, 2, 3) for c in itertools.combinations((2, 3, 4), n)] if config.tta else [()]
+    )
+    counted = _Counted(model, progress, count_windows(tuple(x.shape[2:]), roi, config.overlap) * len(flips))
+    model.eval().to(device)
+    x = x.to(device)
+    total: torch.Tensor | None = None
+    with torch.no_grad(), autocast(device, amp):
+        for dims in flips:
+            logits = sliding_window_logits(
+                counted,
+                x.flip(dims) if dims else x,
+                roi,
+                overlap=config.overlap,
+                sw_batch_size=config.sw_batch_size,
+                mode=config.blend,
+                device=out_device,
+            ).float()
+            probs = logits.softmax(1) if task == "multiclass" else logits.sigmoid_()
+            probs = probs.flip(dims) if dims else probs
+            total = probs if total is None else total.add_(probs)
+    assert total is not None
+    return total[0].div_(len(flips)).cpu()
+
+
+def predict_image(
+    model: nn.Module,
+    image: Image,
+    *,
+    config: PredictConfig | None = None,
+    progress: WindowProgress | None = None,
+) -> Prediction:
+    """Segment one image and return the result on the image's own grid.
+
+    Args:
+        model: A :class:`~fseft.models.FoundationModel` or :class:`~fseft.adapt.AdaptedModel`
+            (moved to ``config.device`` and put in eval mode).
+        image: The CT (HU), any orientation and spacing.
+        config: Inference options (defaults: :class:`PredictConfig`).
+        progress: Called with ``(windows done, windows total)`` during the sliding window.
+
+    Returns:
+        The :class:`Prediction` (label map with the image's shape and affine).
+
+    Raises:
+        ConfigError: an unsupported model, a bad option, or a device that is not available.
+    """
+    config = config or PredictConfig()
+    structures, task, pre, base = describe_model(model)
+    base.spec.check_shape(pre.roi, what="model preprocess.roi")
+    x, model_affine = preprocess_image(image, pre, base.structures)
+    log.debug("%s: model grid %s (input %s)", image.name, tuple(x.shape[2:]), image.shape)
+    probs = model_grid_probabilities(model, x, task=task, roi=pre.roi, config=config, progress=progress)
+    del x
+    array = probs.numpy()
+    mapping = postprocess.grid_mapping(model_affine, image.affine)
+    label = postprocess.label_map(
+        array,
+        mapping,
+        image.shape,
+        multiclass=task == "multiclass",
+        chunk=config.chunk,
+        threshold=config.threshold,
+    )
+    if config.largest_cc:
+        postprocess.keep_largest_component(label, range(1, len(structures) + 1))
+    maps: Mapping[str, Image] | None = None
+    if config.probabilities:
+        maps = ProbabilityMaps(array, structures, mapping, image, config.chunk)
+    return Prediction(Image(label, image.affine.copy(), image.path), maps, structures)

@@ -5,4 +5,18 @@ Parameter-Efficient Fine-Tuning for Volumetric Organ Segmentation", Medical Imag
 (arXiv 2303.17051).
 """
 
+from typing import Any
+
 __version__ = "0.1.0"
+
+#: public names imported on first use, so ``import fseft`` stays light: name -> module
+_LAZY = {"adapt": "fseft.adapt"}
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy public API: ``fseft.adapt(model, support, structures, ...)`` (:func:`fseft.adapt.api.adapt`)."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(_LAZY[name])
+    raise AttributeError(f"module 'fseft' has no attribute {name!r}")

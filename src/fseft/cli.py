@@ -15,7 +15,17 @@ from . import __version__
 from .errors import FseftError
 
 #: subcommand name -> module under fseft.commands (imported lazily so ``--help`` stays fast).
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "adapt": "adapt",
+    "check-data": "check_data",
+    "evaluate": "evaluate",
+    "methods": "methods",
+    "predict": "predict",
+    "pretrain": "pretrain",
+    "report": "report",
+    "synth": "synth",
+    "zoo": "zoo",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

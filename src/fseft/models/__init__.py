@@ -17,6 +17,7 @@ from .checkpoint import (
     safe_torch_load,
     save_model,
 )
+from .bundled_models import DEFAULT_MODEL
 from .config import ModelConfig
 from .foundation import FoundationModel, build_model
 from .keymaps import LAYOUTS
@@ -24,6 +25,7 @@ from .predict import sliding_window_logits
 
 __all__ = [
     "BACKBONES",
+    "DEFAULT_MODEL",
     "LAYOUTS",
     "MODELS",
     "BackboneSpec",

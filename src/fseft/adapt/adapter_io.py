@@ -1,0 +1,157 @@
+"""Adapter files: only what a method trained, plus what it takes to rebuild it on its base model.
+
+Format: one safetensors file (suffix ``.safetensors``). Its tensors are
+:meth:`AdaptedModel.trainable_state_dict`; its metadata key ``"fseft"`` holds a JSON header::
+
+    {"format": "fseft-adapter", "version": 1, "method": NAME, "config": {...}, "structures": [...],
+     "task": "binary" | "multiclass", "arch": ..., "feature_size": ..., "preprocess": {...},
+     "base_fingerprint": "<16 hex>", "num_trainable": N, "record": {...}}
+
+Loading re-applies the method to the base model (same structure, same names) and copies the tensors
+in; a base whose fingerprint differs from the recorded one is refused. safetensors holds no code, so
+loading never executes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import from_dict, to_dict
+from ..errors import CheckpointError, ConfigError
+from ..io_utils import atomic_path
+from ..models import FoundationModel
+from .methods import get_method
+from .model import AdaptedModel, apply_method
+
+FORMAT = "fseft-adapter"
+VERSION = 1
+_META_KEY = "fseft"
+
+
+def save_adapter(
+    adapted: AdaptedModel, path: str | os.PathLike[str], record: dict[str, Any] | None = None
+) -> Path:
+    """Write ``adapted``'s trained tensors and header to ``path`` atomically.
+
+    Args:
+        adapted: The adapted model (trained or not).
+        path: Output file (conventionally ``*.safetensors``).
+        record: JSON-able description of the run (support cases, epochs, timings...).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConfigError: when ``record`` is not JSON-serialisable.
+    """
+    from safetensors.torch import save_file
+
+    base = adapted.base
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": adapted.method_name,
+        "config": to_dict(adapted.config),
+        "structures": list(adapted.structures),
+        "task": adapted.task,
+        "arch": base.config.arch,
+        "feature_size": base.config.feature_size,
+        "preprocess": to_dict(base.config.preprocess),
+        "base_fingerprint": adapted.base_fingerprint,
+        "num_trainable": adapted.num_trainable(),
+        "record": record or {},
+    }
+    try:
+        meta = json.dumps(header)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"adapter record for {path} is not JSON-serialisable: {e}") from None
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in adapted.trainable_state_dict().items()}
+    final = Path(path)
+    with atomic_path(final) as tmp:
+        save_file(tensors, str(tmp), metadata={_META_KEY: meta})
+    return final
+
+
+def read_adapter_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON header of an adapter file (method, config, structures, task, preprocessing, record...).
+
+    Raises:
+        CheckpointError: naming the file when it is missing, unreadable or not an fseft adapter.
+    """
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: adapter file not found")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(
+            f"{p}: not a readable safetensors adapter file ({str(e).splitlines()[0]})"
+        ) from None
+    try:
+        header = json.loads(meta[_META_KEY])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{p}: not an fseft adapter file (no '{_META_KEY}' header)") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not an fseft adapter file")
+    if not isinstance(header.get("version"), int) or header["version"] > VERSION:
+        raise CheckpointError(
+            f"{p}: adapter format version {header.get('version')!r} is newer than supported ({VERSION})"
+        )
+    return header
+
+
+def load_adapter(path: str | os.PathLike[str], base: FoundationModel) -> AdaptedModel:
+    """Rebuild the adapted model saved in ``path`` on ``base`` (which is not modified).
+
+    Args:
+        path: An adapter file written by :func:`save_adapter`.
+        base: The foundation model the adapter was trained on.
+
+    Returns:
+        The :class:`AdaptedModel` (eval mode), on ``base``'s device.
+
+    Raises:
+        CheckpointError: naming the file when it is unreadable, was trained on a different base
+            model, or its tensors do not match what the method trains.
+    """
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    header = read_adapter_header(p)
+    fingerprint = base.fingerprint()
+    if header.get("base_fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"adapter {p} was trained on base model {header.get('base_fingerprint')}, this model is {fingerprint}"
+        )
+    try:
+        method_cls = get_method(header["method"])
+        config = from_dict(method_cls.config_cls, header["config"])
+        adapted = apply_method(
+            base, header["method"], header["structures"], header["task"], config, base_fingerprint=fingerprint
+        )
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{p}: cannot rebuild the adapter: {e}") from None
+    tensors = load_file(str(p))
+    expected = adapted.trainable_state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{p}: tensors do not match method {header['method']!r}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    bad = [k for k, v in tensors.items() if v.shape != expected[k].shape or v.dtype != expected[k].dtype]
+    if bad:
+        got, want = tensors[bad[0]], expected[bad[0]]
+        raise CheckpointError(
+            f"{p}: tensor {bad[0]} is {tuple(got.shape)} {got.dtype}, expected {tuple(want.shape)} {want.dtype}"
+        )
+    with torch.no_grad():
+        adapted.load_state_dict(tensors, strict=False)
+    return adapted.eval()

@@ -1,0 +1,357 @@
+"""``fseft adapt``: train an adaptation method on a k-shot support set and write the adapter file."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError
+from ..io_utils import write_json_atomic
+
+#: Model used when ``--model`` is not given, if it is registered.
+DEFAULT_MODEL = "unet-small.synth"
+
+
+@dataclass(frozen=True)
+class AdaptCommandConfig:
+    """What ``fseft adapt`` was asked to do.
+
+    Args:
+        model: Registered model name or model file (None: :data:`DEFAULT_MODEL` when registered).
+        support: Manifest the support set is drawn from.
+        structures: Target structures.
+        out: Adapter file (``.safetensors``); the run record goes beside it (``<stem>.record.json``).
+        k: Support volumes.
+        seed: Sampling / initialisation / crop seed.
+        method: Method name.
+        decoder: Decoder policy (``frozen``, ``fine-tuned``, ``new``).
+        bottleneck: Bottleneck policy.
+        task: ``binary`` or ``multiclass``.
+        epochs: Maximum epochs (None: the paper's 200).
+        lr: Learning rate (None: the method's default).
+        val_case: Held-out validation case id (early stopping then watches its loss).
+        cache_features: True: require cached black-box training, False: naive path, None: automatic.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        overwrite: Replace an existing adapter file.
+        transductive: Constrained transductive options (None: plain adaptation); the size priors
+            and these options are stored in the adapter for ``fseft predict --transductive``.
+        queries: Unlabelled query manifest of the batch-mode constraint.
+    """
+
+    model: str | None
+    support: Path
+    structures: tuple[str, ...]
+    out: Path
+    k: int = 5
+    seed: int = 0
+    method: str = "spatial-adapter"
+    decoder: str = "frozen"
+    bottleneck: str = "frozen"
+    task: str = "binary"
+    epochs: int | None = None
+    lr: float | None = None
+    val_case: str | None = None
+    cache_features: bool | None = None
+    device: str = "auto"
+    overwrite: bool = False
+    transductive: Any = None
+    queries: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.structures:
+            raise ConfigError("--structure is empty; name at least one structure")
+        if self.out.suffix != ".safetensors":
+            raise ConfigError(f"--out {self.out}: the adapter file must end in .safetensors")
+        if self.out.exists() and not self.overwrite:
+            raise ConfigError(f"--out {self.out}: file exists (pass --overwrite to replace it)")
+
+    @property
+    def record_path(self) -> Path:
+        """The run record written beside the adapter."""
+        return self.out.with_name(f"{self.out.stem}.record.json")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "adapt",
+        help="adapt a foundation model to new structures from k labelled scans",
+        description="Few-shot parameter-efficient adaptation: draw a reproducible k-shot support set "
+        "from a manifest (cases annotating the target structures), apply an adaptation method, train it "
+        "(paper protocol: 6 crops per volume, soft Dice, AdamW, warm-up + cosine, early stopping) and "
+        "write the trained tensors as a small adapter file plus a JSON record of the run. Black-box "
+        "methods (linear-probe, spatial-adapter) compute the frozen features once and train on them.",
+    )
+    parser.add_argument(
+        "--model", default=None, help=f"model name or file (default: {DEFAULT_MODEL} when available)"
+    )
+    parser.add_argument(
+        "--support", required=True, type=Path, help="manifest the support cases are drawn from"
+    )
+    parser.add_argument("--structure", required=True, help="target structure(s), comma-separated")
+    parser.add_argument("--k", type=int, default=5, help="number of support volumes (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling, initialisation and crops")
+    parser.add_argument(
+        "--method",
+        default="spatial-adapter",
+        help="adaptation method (list them with 'fseft methods')",
+    )
+    parser.add_argument(
+        "--decoder",
+        default="frozen",
+        choices=("frozen", "fine-tuned", "new"),
+        help="decoder policy (default frozen)",
+    )
+    parser.add_argument(
+        "--bottleneck",
+        default="frozen",
+        choices=("frozen", "fine-tuned", "new"),
+        help="bottleneck policy (default frozen)",
+    )
+    parser.add_argument(
+        "--task",
+        default="binary",
+        choices=("binary", "multiclass"),
+        help="one sigmoid channel per structure, or one softmax with background (default binary)",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 200)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
+    parser.add_argument("--val-case", default=None, help="held-out validation case id (early stopping on it)")
+    parser.add_argument(
+        "--cache-features",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train black-box methods on cached frozen features (default: whenever possible)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", required=True, type=Path, help="adapter file to write (.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing adapter file")
+    tx = parser.add_argument_group(
+        "constrained transductive inference",
+        "learn the targets' size (proportion of the body) from the support masks, store it in the adapter "
+        "and keep predictions on unlabelled queries within a margin of it (black-box methods only)",
+    )
+    tx.add_argument(
+        "--transductive",
+        type=Path,
+        default=None,
+        metavar="QUERY_MANIFEST",
+        help="batch mode: constrain the predicted size on these unlabelled cases during adaptation",
+    )
+    tx.add_argument(
+        "--tx-mode",
+        choices=("batch", "per-query"),
+        default=None,
+        help="per-query: only learn and store the prior; 'fseft predict --transductive' refines "
+        "the adapter on each input (default: batch with --transductive)",
+    )
+    tx.add_argument(
+        "--constraint", choices=("hinge", "log-barrier"), default="hinge", help="penalty (default hinge)"
+    )
+    tx.add_argument(
+        "--lambda", dest="tx_lambda", type=float, default=0.1, help="penalty weight (default 0.1)"
+    )
+    tx.add_argument(
+        "--margin", type=float, default=0.3, help="relative margin around the prior (default 0.3)"
+    )
+    tx.add_argument(
+        "--tx-warmup", type=int, default=50, help="supervised epochs before the constraint (default 50)"
+    )
+    parser.set_defaults(func=run)
+
+
+def _tx_config(args: argparse.Namespace) -> Any:
+    from ..adapt.transductive import TransductiveConfig
+
+    mode = args.tx_mode or ("batch" if args.transductive is not None else None)
+    if mode is None:
+        return None
+    if mode == "batch" and args.transductive is None:
+        raise ConfigError("--tx-mode batch needs --transductive QUERY_MANIFEST")
+    if mode == "per-query" and args.transductive is not None:
+        raise ConfigError(
+            "--tx-mode per-query refines at prediction time ('fseft predict --transductive'); drop --transductive"
+        )
+    return TransductiveConfig(mode=mode, constraint=args.constraint, lam=args.tx_lambda, margin=args.margin,
+                              warmup_epochs=args.tx_warmup)  # fmt: skip
+
+
+def _config(args: argparse.Namespace) -> AdaptCommandConfig:
+    return AdaptCommandConfig(
+        model=args.model,
+        support=args.support,
+        structures=tuple(s.strip() for s in args.structure.split(",") if s.strip()),
+        out=args.out,
+        k=args.k,
+        seed=args.seed,
+        method=args.method,
+        decoder=args.decoder,
+        bottleneck=args.bottleneck,
+        task=args.task,
+        epochs=args.epochs,
+        lr=args.lr,
+        val_case=args.val_case,
+        cache_features=args.cache_features,
+        device=args.device,
+        overwrite=args.overwrite,
+        transductive=_tx_config(args),
+        queries=args.transductive,
+    )
+
+
+def _model_name(cfg: AdaptCommandConfig) -> str:
+    from ..models import MODELS
+
+    if cfg.model is not None:
+        return cfg.model
+    if DEFAULT_MODEL in MODELS:
+        return DEFAULT_MODEL
+    raise ConfigError(
+        f"--model is required: the bundled model {DEFAULT_MODEL!r} is not available; "
+        f"registered models: {', '.join(MODELS.names()) or 'none'}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..adapt.adapter_io import save_adapter
+    from ..adapt.api import adapt
+    from ..adapt.methods import get_method
+    from ..adapt.trainer import AdaptTrainConfig
+    from ..config import from_dict
+
+    cfg = _config(args)
+    model = _model_name(cfg)
+    if not cfg.support.exists():
+        raise DataError(f"{cfg.support}: support manifest not found")
+    method_cls = get_method(cfg.method)
+    method_cfg = from_dict(method_cls.config_cls, {"decoder": cfg.decoder, "bottleneck": cfg.bottleneck})
+    train: dict[str, Any] = {"device": cfg.device}
+    if cfg.epochs is not None:
+        train["max_epochs"] = cfg.epochs
+    if cfg.lr is not None:
+        train["lr"] = cfg.lr
+    if cfg.cache_features is not None:
+        train["feature_cache"] = "on" if cfg.cache_features else "off"
+    train_cfg = AdaptTrainConfig(**train)
+    options = dict(k=cfg.k, seed=cfg.seed, method=cfg.method, task=cfg.task, method_config=method_cfg,
+                   train_config=train_cfg, validation=cfg.val_case)  # fmt: skip
+    with _ProgressBar(train_cfg.max_epochs) as progress:
+        if cfg.transductive is None:
+            adapted, record = adapt(model, cfg.support, cfg.structures, progress=progress, **options)
+            extra: dict[str, Any] = {}
+        else:
+            from ..adapt.transductive_batch import adapt_transductive
+
+            adapted, record, tx = adapt_transductive(
+                model, cfg.support, cfg.structures, cfg.queries, transductive=cfg.transductive, progress=progress, **options
+            )  # fmt: skip
+            extra = tx.to_record()
+    save_adapter(adapted, cfg.out, {**record.to_dict(), **extra})
+    try:
+        write_json_atomic(cfg.record_path, {**record.to_dict(), **extra})
+    except BaseException:
+        cfg.out.unlink(missing_ok=True)
+        raise
+    _summary(record, cfg)
+    if extra:
+        _tx_summary(tx)
+    return 0
+
+
+def _tx_summary(tx: Any) -> None:
+    from rich.console import Console
+
+    console = Console()
+    for p in tx.priors:
+        console.print(f"size prior {p.structure}: {p.proportion:.4f} of the body, {p.volume_ml:.1f} ml "
+                      f"({p.n_used} of {len(p.values)} support volumes)")  # fmt: skip
+    for r in tx.reports:
+        pairs = ", ".join(
+            f"{s} {b:.4f} -> {a:.4f} (prior {p:.4f})"
+            for s, b, a, p in zip(r.structures, r.before, r.after, r.prior, strict=True)
+        )
+        console.print(f"query {r.query}: {pairs}")
+    if tx.config.mode == "batch":
+        console.print(f"constraint steps: {tx.constraint_steps} (warm-up {tx.config.warmup_epochs} epochs)")
+
+
+class _ProgressBar:
+    """A rich progress bar fed by the trainer's per-epoch reports (context manager + callback)."""
+
+    def __init__(self, max_epochs: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.max_epochs = max_epochs
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _ProgressBar:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for stage, task in self.tasks.items():
+            if stage == "train" and exc[0] is None:
+                done = self.bar.tasks[task].completed
+                self.bar.update(task, total=done)  # early stopping: the run is complete
+        self.bar.stop()
+
+    def __call__(self, report: Any) -> None:
+        if report.stage not in self.tasks:
+            label = "caching features" if report.stage == "features" else "training"
+            self.tasks[report.stage] = self.bar.add_task(label, total=report.total, info="")
+        info = ""
+        if report.stage == "train":
+            info = f"loss {report.loss:.4f}" + (
+                f" val {report.val_loss:.4f}" if report.val_loss is not None else ""
+            )
+        self.bar.update(self.tasks[report.stage], completed=report.epoch, info=info)
+
+
+def _summary(record: Any, cfg: AdaptCommandConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fseft adapt: {', '.join(record.structures)}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    final = record.final_loss
+    rows = [
+        ("method", f"{record.method} ({record.task}, {record.path} path, lr {record.lr or 0:g})"),
+        ("support", f"k={record.k}, seed {record.seed}: {', '.join(record.support_case_ids)}"),
+        ("validation", record.validation_case_id or "-"),
+        ("trainable params", f"{record.trainable_params:,}"),
+        ("epochs", f"{record.epochs_run} ({record.stop_reason})"),
+        ("final loss", "-" if final is None else f"{final:.4f}"),
+        (
+            "wall time",
+            f"{record.wall_time_s:.1f} s (features {record.feature_time_s:.1f} s, training {record.train_time_s:.1f} s)",
+        ),
+        (
+            "peak memory",
+            f"{record.peak_memory_bytes / 2**20:,.0f} MiB ({record.memory_kind}, {record.device})",
+        ),
+        ("adapter", f"{cfg.out} ({_size(cfg.out.stat().st_size)})"),
+        ("record", str(cfg.record_path)),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"

@@ -1,0 +1,132 @@
+"""``fseft adapt`` end to end on a tiny model and tiny NIfTI cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fseft.adapt import load_adapter, read_adapter_header
+from fseft.cli import main
+from fseft.config import PreprocessConfig
+from fseft.data.cases import Case, LabelSource
+from fseft.data.image import Image
+from fseft.data.io import write_image
+from fseft.data.manifests import write_manifest_csv
+from fseft.models import ModelConfig, build_model, load_model, save_model
+
+SHAPE = (40, 40, 36)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model file and a manifest of 4 cases with a bright 'pancreas' sphere (synth template)."""
+    root = tmp_path_factory.mktemp("adapt_cli")
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        arch="unet-small",
+        feature_size=4,
+        structures=("liver",),
+        preprocess=PreprocessConfig(roi=(32, 32, 32)),
+    )
+    model = save_model(build_model(cfg), root / "tiny.pt")
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"))
+    cases = []
+    for i in range(4):
+        rng = np.random.default_rng(i)
+        centre = rng.integers(10, np.array(SHAPE) - 10)
+        inside = ((grid - centre[:, None, None, None]) ** 2).sum(0) < 36
+        hu = rng.normal(40, 20, SHAPE) + 200 * inside
+        write_image(Image(hu.astype(np.int16), affine), root / f"img{i}.nii.gz")
+        write_image(Image((inside * 6).astype(np.uint8), affine), root / f"lab{i}.nii.gz")  # 6 = pancreas
+        source = LabelSource(root / f"lab{i}.nii.gz", "synth")
+        cases.append(Case(f"case{i}", root / f"img{i}.nii.gz", (source,), structures=("pancreas",)))
+    write_manifest_csv(cases, root / "manifest.csv")
+    return {"root": root, "model": model, "manifest": root / "manifest.csv"}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FSEFT_CACHE", str(tmp_path / "cache"))
+
+
+def args(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["adapt", "--model", str(ws["model"]), "--support", str(ws["manifest"]), "--structure", "pancreas",
+            "--k", "2", "--seed", "0", "--method", "spatial-adapter", "--epochs", "2", "--device", "cpu",
+            "--out", str(out), *extra]  # fmt: skip
+
+
+def test_adapt_writes_adapter_and_record(workspace, tmp_path, capsys):
+    out = tmp_path / "out" / "probe.safetensors"
+    assert main(args(workspace, out, "--method", "linear-probe", "--val-case", "case3")) == 0
+    summary = capsys.readouterr().out
+    record = json.loads((tmp_path / "out" / "probe.record.json").read_text())
+    assert record["method"] == "linear-probe" and record["k"] == 2 and record["epochs_run"] == 2
+    assert len(record["support_case_ids"]) == 2 and "case3" not in record["support_case_ids"]
+    assert record["validation_case_id"] == "case3" and record["path"] == "cached"
+    assert record["train_config"]["max_epochs"] == 2 and record["trainable_params"] == 5
+    for text in (
+        "linear-probe",
+        "trainable params",
+        "peak memory",
+        "final loss",
+        "wall time",
+        *record["support_case_ids"],
+    ):
+        assert text in summary
+    header = read_adapter_header(out)
+    assert header["method"] == "linear-probe" and header["structures"] == ["pancreas"]
+    assert header["record"]["support_case_ids"] == record["support_case_ids"]
+    adapted = load_adapter(out, load_model(workspace["model"]))
+    assert adapted.head.out_channels == 1
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_adapt_no_cache_features_takes_the_naive_path(workspace, tmp_path):
+    out = tmp_path / "naive.safetensors"
+    assert main(args(workspace, out, "--method", "linear-probe", "--no-cache-features", "--epochs", "1")) == 0
+    assert json.loads((tmp_path / "naive.record.json").read_text())["path"] == "naive"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--k": "9"}, "k=9 is larger than the 4 cases that annotate pancreas"),
+        ({"--structure": "pancreatic_thing"}, "pancreatic_thing"),
+        ({"--support": "missing.csv"}, "missing.csv"),
+        ({"--method": "nope"}, "unknown adaptation method 'nope'"),
+        ({"--model": "no-such-model"}, "no-such-model"),
+    ],
+)
+def test_bad_inputs_give_one_error_line_and_no_adapter(workspace, tmp_path, capsys, change, message):
+    out = tmp_path / "bad.safetensors"
+    argv = args(workspace, out)
+    for flag, value in change.items():
+        argv[argv.index(flag) + 1] = str(tmp_path / value) if flag == "--support" else value
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fseft: error: ") and message in err[0]
+    assert not any(tmp_path.glob("*.safetensors")) and not any(tmp_path.glob("*.json"))
+
+
+def test_model_is_required_without_a_bundled_model(workspace, tmp_path, capsys):
+    from fseft.commands.adapt import DEFAULT_MODEL
+    from fseft.models import MODELS
+
+    argv = args(workspace, tmp_path / "x.safetensors")
+    del argv[1:3]
+    if DEFAULT_MODEL in MODELS:
+        pytest.skip(f"{DEFAULT_MODEL} is registered: --model has a default")
+    assert main(argv) == 2
+    assert "--model is required" in capsys.readouterr().err
+
+
+def test_existing_output_is_not_overwritten(workspace, tmp_path, capsys):
+    out = tmp_path / "exists.safetensors"
+    out.write_bytes(b"keep")
+    assert main(args(workspace, out)) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep"

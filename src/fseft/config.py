@@ -108,11 +108,13 @@ def _coerce(tp: Any, v: Any) -> Any:
             return tuple(_coerce(args[0], x) for x in v)
         return tuple(_coerce(a, x) for a, x in zip(args, v, strict=False)) if args else tuple(v)
     if origin in (typing.Union, types.UnionType):
+        if v is None:
+            return None
         for a in typing.get_args(tp):
-            if a is type(None) and v is None:
-                return None
             if dataclasses.is_dataclass(a) and isinstance(v, dict):
                 return from_dict(a, v)
+            if typing.get_origin(a) is tuple and isinstance(v, (list, tuple)):
+                return _coerce(a, v)
         return v
     if tp is float and isinstance(v, int):
         return float(v)

@@ -9,6 +9,7 @@ An assembly YAML lists datasets (manifest paths relative to the YAML's folder)::
         template: btcv               # optional: label template override
         structures: [liver, spleen]  # optional: use only these annotations of the dataset
         splits: [train]              # optional: keep only cases of these manifest splits
+        partition: [0, 3]            # optional: only part i of n disjoint parts (cases sorted by id)
         weight: 1.0                  # optional: relative sampling weight
 
 Cases whose manifest split starts with ``val`` are held out for validation automatically.
@@ -45,6 +46,8 @@ class DatasetSpec:
         structures: Use only these structures' annotations (others become unknown).
         splits: Keep only cases whose manifest split is one of these (plus ``val*`` for validation).
         weight: Relative probability of drawing this dataset's groups.
+        partition: ``(i, n)``: keep only the training cases at positions ``i, i+n, i+2n, ...`` of the
+            case-id-sorted list, so ``n`` entries over one manifest make disjoint pseudo-sources.
     """
 
     manifest: Path
@@ -52,9 +55,17 @@ class DatasetSpec:
     structures: tuple[str, ...] | None = None
     splits: tuple[str, ...] | None = None
     weight: float = 1.0
+    partition: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "manifest", Path(self.manifest))
+        if self.partition is not None:
+            i, n = (int(v) for v in self.partition)
+            if not 0 <= i < n:
+                raise ConfigError(
+                    f"{self.manifest}: partition must be [i, n] with 0 <= i < n, got {self.partition}"
+                )
+            object.__setattr__(self, "partition", (i, n))
         for name in ("structures", "splits"):
             value = getattr(self, name)
             if isinstance(value, str) or (value is not None and not isinstance(value, (list, tuple))):
@@ -156,6 +167,13 @@ def _entry_cases(spec: DatasetSpec) -> list[Case]:
     from ..data.manifests import load_manifest
 
     cases = load_manifest(spec.manifest, template=spec.template)
+    if spec.partition is not None:
+        # Partition the training cases before any structure filter, so that entries over the same
+        # manifest with different structures still get disjoint cases.
+        i, n = spec.partition
+        train = sorted(c.case_id for c in cases if not (c.split or "").lower().startswith("val"))
+        keep = set(train[i::n])
+        cases = [c for c in cases if c.case_id in keep or (c.split or "").lower().startswith("val")]
     subset = None if spec.structures is None else {canonical(s) for s in spec.structures}
     out = []
     for case in cases:
@@ -189,15 +207,18 @@ def resolve_assembly(cfg: AssemblyConfig, seed: int = 0) -> Assembly:
     """
     groups: dict[tuple[int, str], list[Case]] = {}
     weights: dict[tuple[int, str], float] = {}
-    val: list[Case] = []
+    val: dict[str, Case] = {}
     for k, spec in enumerate(cfg.datasets):
+        train = []
         for case in _entry_cases(spec):
             split = (case.split or "").lower()
             if split.startswith("val"):
-                val.append(case)
+                _add_validation(val, case)
             elif spec.splits is None or case.split in spec.splits:
-                groups.setdefault((k, case.dataset), []).append(case)
-                weights[(k, case.dataset)] = spec.weight
+                train.append(case)
+        for case in train:
+            groups.setdefault((k, case.dataset), []).append(case)
+            weights[(k, case.dataset)] = spec.weight
     if cfg.structures is not None:
         structures = tuple(canonical(s) for s in cfg.structures)
     else:
@@ -212,16 +233,29 @@ def resolve_assembly(cfg: AssemblyConfig, seed: int = 0) -> Assembly:
             del groups[key]
     if not groups:
         raise DataError(f"no labelled training cases in {[str(d.manifest) for d in cfg.datasets]}")
-    _hold_out(groups, val, cfg.val_cases, seed)
+    val_list = list(val.values())
+    _hold_out(groups, val_list, cfg.val_cases, seed)
     keys = sorted(groups)
     return Assembly(
         groups=tuple(
             (f"{cfg.datasets[k].manifest.stem}:{name}", tuple(groups[(k, name)])) for k, name in keys
         ),
         weights=tuple(weights[key] for key in keys),
-        val_cases=tuple(val),
+        val_cases=tuple(val_list),
         structures=structures,
     )
+
+
+def _add_validation(val: dict[str, Case], case: Case) -> None:
+    """Add a validation case once, whatever the number of entries that list it; a case listed by
+    several entries with different structure subsets is validated on the union of them."""
+    seen = val.get(case.case_id)
+    if seen is not None and seen.structures is not None and case.structures is not None:
+        union = tuple(dict.fromkeys(seen.structures + case.structures))
+        case = dataclasses.replace(seen, structures=union)
+    elif seen is not None:
+        case = dataclasses.replace(seen, structures=None)
+    val[case.case_id] = case
 
 
 def _hold_out(groups: dict[tuple[int, str], list[Case]], val: list[Case], n: int, seed: int) -> None:

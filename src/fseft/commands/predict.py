@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="slab thickness when writing back to the input grid (bounds memory)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument(
+        "--transductive",
+        action="store_true",
+        help="per-query constrained transductive inference: before predicting each input, refine the "
+        "adapter so the predicted size stays near the size prior stored in it ('fseft adapt --transductive')",
+    )
     parser.set_defaults(func=run)
 
 
@@ -97,11 +104,56 @@ def run(args: argparse.Namespace) -> int:
     inputs = find_inputs(args.inputs)
     model = _load(args.model, args.adapter)
     console = Console(stderr=True)
-    with _PredictProgress(console, len(inputs)) as (on_case, on_window):
+    refiner = _refiner(model, args.adapter, args.device) if args.transductive else contextlib.nullcontext()
+    with _PredictProgress(console, len(inputs)) as (on_case, on_window), refiner:
+        if args.transductive:
+            on_case = _refining(on_case, refiner, model)
         written = predict_files(model, inputs, output, config=config, on_case=on_case, progress=on_window)
     cases = sum(1 for p in written if p.name != "labels.json")
     console.print(f"wrote {cases} file(s) for {len(inputs)} case(s) to {args.out}")
+    for r in getattr(refiner, "reports", []):
+        sizes = ", ".join(
+            f"{s} {b:.4f} -> {a:.4f} (prior {p:.4f})"
+            for s, b, a, p in zip(r.structures, r.before, r.after, r.prior, strict=True)
+        )
+        console.print(f"transductive {r.query}: {sizes}; {r.steps} steps, {r.seconds:.1f} s")
     return 0
+
+
+def _refiner(model: Any, adapter: Path | None, device: str) -> Any:
+    """A per-query refiner using the size priors (and options) stored in the adapter file."""
+    from dataclasses import replace
+
+    from ..adapt.adapter_io import read_adapter_header
+    from ..adapt.size_prior import priors_from_header
+    from ..adapt.transductive import PerQueryRefiner, TransductiveConfig
+    from ..config import from_dict
+    from ..errors import ConfigError
+    from ..runtime import resolve_device
+
+    if adapter is None:
+        raise ConfigError(
+            "--transductive refines an adapter: pass --adapter FILE (adapted with a size prior)"
+        )
+    header = read_adapter_header(adapter)
+    stored = (header.get("record") or {}).get("transductive", {}).get("config")
+    cfg = replace(from_dict(TransductiveConfig, stored) if stored else TransductiveConfig(), mode="per-query")
+    return PerQueryRefiner(model.to(resolve_device(device)), priors_from_header(header, str(adapter)), cfg)
+
+
+def _refining(on_case: Any, refiner: Any, model: Any) -> Any:
+    """``on_case`` that also refines the adapter on the input about to be predicted."""
+    from ..data.io import read_image
+    from ..inference.predictor import describe_model, preprocess_image
+
+    _, _, pre, base = describe_model(model)
+
+    def hook(index: int, count: int, item: Any) -> None:
+        on_case(index, count, item)
+        x, _ = preprocess_image(read_image(item.path), pre, base.structures)
+        refiner.refine(item.name, x[0])
+
+    return hook
 
 
 def _load(name: str | None, adapter: Path | None) -> Any:

@@ -1,0 +1,323 @@
+"""Batch-mode constrained transductive adaptation: the size constraint on all query volumes,
+combined with the supervised Dice loss during few-shot training (see :mod:`fseft.adapt.transductive`).
+
+After ``warmup_epochs`` supervised epochs, once per epoch, the gradient of
+``lam * mean_{query, structure} penalty`` is added to the next supervised Dice step, so that step
+minimises ``Dice + lam * penalty`` with the trainer's own AdamW optimiser and schedule (the paper's
+reference code also shares its optimiser between the two losses). The trainer runs unchanged: the
+constraint is computed in its per-epoch progress callback and injected by parameter gradient hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import ConfigError
+from .size_prior import SizePrior
+from .transductive import (
+    QueryFeatures,
+    QueryReport,
+    TransductiveConfig,
+    check_black_box,
+    penalty,
+    predicted_proportions,
+    prior_tensor,
+    query_features,
+)
+
+if TYPE_CHECKING:
+    from ..config import PreprocessConfig
+    from ..data.cases import Case
+    from ..models import FoundationModel
+    from .api import AdaptRecord
+    from .model import AdaptedModel
+    from .trainer import AdaptTrainConfig, EpochReport, Progress
+
+logger = logging.getLogger(__name__)
+
+
+class BatchConstraint:
+    """Batch-mode constraint steps during supervised training, through the trainer's progress callback.
+
+    After every training epoch from ``cfg.warmup_epochs`` on, the gradient of
+    ``lam * mean_{query, structure} penalty`` is computed (query by query, so memory holds one query
+    at a time) and added, by parameter gradient hooks, to the gradient of the next supervised step:
+    that step minimises ``Dice + lam * penalty`` with the trainer's optimiser and learning rate. The
+    gradient pending when training stops is dropped.
+
+    Use as a context manager around :func:`~fseft.adapt.trainer.fit` and pass :meth:`wrap` ``(progress)``
+    as its progress callback.
+
+    Args:
+        adapted: The adapted model being trained (black-box method).
+        queries: Features of the query volumes.
+        priors: One size prior per target structure.
+        cfg: Options (``warmup_epochs``, ``constraint``, ``lam``, ``margin``, ``t0``, ``t_growth``).
+    """
+
+    def __init__(
+        self,
+        adapted: AdaptedModel,
+        queries: Sequence[QueryFeatures],
+        priors: Sequence[SizePrior],
+        cfg: TransductiveConfig,
+    ) -> None:
+        check_black_box(adapted)
+        if not queries:
+            raise ConfigError("transductive batch mode needs at least one query volume")
+        self.adapted = adapted
+        self.queries = list(queries)
+        self.prior = prior_tensor(adapted, priors)
+        self.cfg = cfg
+        self.params = [p for p in adapted.parameters() if p.requires_grad]
+        self.pending: list[torch.Tensor | None] = [None] * len(self.params)
+        self.computed = 0
+        self.applied = 0
+        self.before: list[list[float]] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> BatchConstraint:
+        self._handles = [p.register_hook(self._hook(i)) for i, p in enumerate(self.params)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.pending = [None] * len(self.params)
+
+    def _hook(self, index: int) -> Any:
+        def add_pending(grad: torch.Tensor) -> torch.Tensor:
+            extra = self.pending[index]
+            if extra is None:
+                return grad
+            self.pending[index] = None
+            if index == 0:
+                self.applied += 1
+            return grad + extra
+
+        return add_pending
+
+    def wrap(self, progress: Progress | None) -> Progress:
+        """A progress callback that takes the constraint step, then calls ``progress``."""
+
+        def callback(report: EpochReport) -> None:
+            if report.stage == "train" and report.epoch >= self.cfg.warmup_epochs:
+                self.step()
+            if progress is not None:
+                progress(report)
+
+        return callback
+
+    def proportions(self) -> list[list[float]]:
+        """Current predicted proportions, per query and structure."""
+        was_training = self.adapted.training
+        self.adapted.eval()
+        with torch.no_grad():
+            out = [predicted_proportions(self.adapted, q).cpu().tolist() for q in self.queries]
+        self.adapted.train(was_training)
+        return out
+
+    def step(self) -> None:
+        """Compute the constraint gradient and leave it pending for the next supervised step."""
+        was_training = self.adapted.training
+        self.adapted.eval()
+        total: list[torch.Tensor] = [torch.zeros_like(p) for p in self.params]
+        current = []
+        with torch.enable_grad():
+            for q in self.queries:
+                p_hat = predicted_proportions(self.adapted, q)
+                current.append(p_hat.detach().cpu().tolist())
+                loss = penalty(p_hat, self.prior, self.cfg, self.computed) / len(self.queries)
+                if loss.requires_grad:
+                    grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                    total = [t + g if g is not None else t for t, g in zip(total, grads, strict=True)]
+        self.adapted.train(was_training)
+        if not self.before:
+            self.before = current
+        self.pending = list(total)
+        self.computed += 1
+
+    def reports(self) -> list[QueryReport]:
+        """Per-query predicted vs prior proportions (before: at the first constraint step; after: now)."""
+        after = self.proportions()
+        before = self.before or after
+        prior = self.prior.cpu().tolist()
+        structures = list(self.adapted.structures)
+        return [
+            QueryReport(q.name, structures, prior, b, a, self.applied)
+            for q, b, a in zip(self.queries, before, after, strict=True)
+        ]
+
+
+@dataclass
+class TransductiveResult:
+    """What transductive adaptation learnt and did.
+
+    Args:
+        config: The options used.
+        priors: One size prior per target structure (from the support volumes).
+        reports: Per-query predicted vs prior proportions (batch mode; empty in per-query mode).
+        constraint_steps: Constraint gradients applied to supervised steps (batch mode).
+        feature_time_s: Seconds spent computing the query features.
+    """
+
+    config: TransductiveConfig
+    priors: tuple[SizePrior, ...]
+    reports: list[QueryReport] = field(default_factory=list)
+    constraint_steps: int = 0
+    feature_time_s: float = 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        """``{"size_priors": [...], "transductive": {...}}``, to merge into the adapter file's record."""
+        from ..config import to_dict
+        from .size_prior import priors_to_record
+
+        return {
+            **priors_to_record(self.priors),
+            "transductive": {
+                "config": to_dict(self.config),
+                "constraint_steps": self.constraint_steps,
+                "feature_time_s": self.feature_time_s,
+                "queries": [r.to_dict() for r in self.reports],
+            },
+        }
+
+
+def load_query_images(
+    cases: Sequence[Case], structures: Sequence[str], preprocess: PreprocessConfig
+) -> list[torch.Tensor]:
+    """Preprocessed ``[1, X, Y, Z]`` images of unlabelled query cases (labels are never read).
+
+    Raises:
+        DataError: when a case's image cannot be read.
+    """
+    from ..data.dataset import PreprocessedCache
+
+    cache = PreprocessedCache(structures, preprocess, with_label=False)
+    out = []
+    for case in cases:
+        image = cache.get(case)["image"]
+        out.append((image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)).float())
+    return out
+
+
+def adapt_transductive(
+    model: FoundationModel | str | os.PathLike[str],
+    support: str | os.PathLike[str] | Sequence[Case],
+    structures: str | Sequence[str],
+    queries: str | os.PathLike[str] | Sequence[Case] | None,
+    *,
+    transductive: TransductiveConfig | None = None,
+    k: int = 5,
+    seed: int = 0,
+    method: str = "spatial-adapter",
+    task: str = "binary",
+    method_config: Any | None = None,
+    train_config: AdaptTrainConfig | None = None,
+    validation: str | bool | None = None,
+    progress: Progress | None = None,
+) -> tuple[AdaptedModel, AdaptRecord, TransductiveResult]:
+    """:func:`fseft.adapt.api.adapt` plus size priors and, in batch mode, the query constraint.
+
+    Args:
+        model: A foundation model, a registered model name or a model file.
+        support: Manifest path or cases the k-shot support is drawn from.
+        structures: Target structure(s).
+        queries: Unlabelled query cases (manifest path or cases); required in batch mode, unused
+            (may be None) in per-query mode, where only the priors are learnt for prediction time.
+        transductive: Options (defaults: batch mode, hinge, lambda 0.1, margin 0.3).
+        k: Support volumes.
+        seed: Seed of sampling, initialisation and crops.
+        method: A black-box adaptation method.
+        task: ``"binary"`` or ``"multiclass"``.
+        method_config: The method's config (dataclass or dict), None for defaults.
+        train_config: Supervised training options.
+        validation: Held-out validation case id, True, or None.
+        progress: Per-epoch callback.
+
+    Returns:
+        ``(adapted model in eval mode, record of the run, transductive result)``.
+
+    Raises:
+        ConfigError: as :func:`~fseft.adapt.api.adapt`, a method that is not black-box, or batch
+            mode without queries.
+        DataError: unreadable cases, or a structure absent from every support volume.
+    """
+    from ..anatomy import canonical
+    from ..config import to_dict
+    from ..runtime import resolve_device
+    from .api import AdaptRecord, PeakMemory, _method_config, _resolve_cases, _resolve_model
+    from .methods import get_method
+    from .model import apply_method
+    from .size_prior import size_priors
+    from .support import foreground_checker, load_support_volumes, sample_support
+    from .trainer import TASKS, AdaptTrainConfig, fit, resolve_path
+
+    tx = transductive or TransductiveConfig()
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    if tx.mode == "batch" and queries is None:
+        raise ConfigError("transductive batch mode needs query volumes (a manifest of unlabelled cases)")
+    names = tuple(canonical(s) for s in ([structures] if isinstance(structures, str) else structures))
+    mcfg = _method_config(get_method(method), method_config)
+    cfg = train_config or AdaptTrainConfig()
+    device = resolve_device(cfg.device)
+    start = time.perf_counter()
+    with PeakMemory(device) as memory:
+        base = _resolve_model(model)
+        fingerprint = base.fingerprint()
+        pre = base.config.preprocess
+        chosen = sample_support(
+            _resolve_cases(support), names, k, seed, validation=validation or False, has_foreground=foreground_checker(names, pre)
+        )  # fmt: skip
+        volumes = load_support_volumes(chosen.support, names, pre)
+        held = load_support_volumes([chosen.validation], names, pre)[0] if chosen.validation else None
+        torch.manual_seed(seed)
+        adapted = apply_method(base, method, names, task, mcfg, base_fingerprint=fingerprint).to(device)
+        check_black_box(adapted)
+        result = TransductiveResult(tx, size_priors(volumes, names, pre.spacing))
+        lr = cfg.lr if cfg.lr is not None else adapted.lr
+        path = resolve_path(adapted, cfg.feature_cache)
+        if tx.mode == "batch":
+            query_cases = _resolve_cases(queries)  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            feats = query_features(
+                adapted, load_query_images(query_cases, names, pre), [c.case_id for c in query_cases], tx
+            )
+            result.feature_time_s = time.perf_counter() - t0
+            with BatchConstraint(adapted, feats, result.priors, tx) as constraint:
+                fit_result = fit(
+                    adapted, volumes, cfg, lr=lr or 0.0, seed=seed, path=path, validation=held, device=device,
+                    progress=constraint.wrap(progress),
+                )  # fmt: skip
+            result.reports, result.constraint_steps = constraint.reports(), constraint.applied
+            del feats
+        else:
+            fit_result = fit(adapted, volumes, cfg, lr=lr or 0.0, seed=seed, path=path, validation=held, device=device, progress=progress)  # fmt: skip
+    record = AdaptRecord(
+        method=method, method_config=to_dict(mcfg), train_config=to_dict(cfg), seed=seed, k=k,
+        structures=list(names), task=task, support_case_ids=list(chosen.case_ids),
+        validation_case_id=chosen.validation.case_id if chosen.validation else None,
+        base_fingerprint=fingerprint, trainable_params=adapted.num_trainable(), lr=lr, path=fit_result.path,
+        wall_time_s=time.perf_counter() - start, feature_time_s=fit_result.feature_time_s + result.feature_time_s,
+        train_time_s=fit_result.train_time_s, peak_memory_bytes=memory.peak, memory_kind=memory.kind,
+        loss_curve=fit_result.loss_curve, val_loss_curve=fit_result.val_loss_curve, epochs_run=fit_result.epochs_run,
+        stop_reason=fit_result.stop_reason, device=str(device),
+    )  # fmt: skip
+    if tx.mode == "batch" and result.constraint_steps == 0:
+        logger.warning(
+            "training stopped after %d epoch(s), before any constraint step (warm-up %d epochs)",
+            fit_result.epochs_run, tx.warmup_epochs,
+        )  # fmt: skip
+    return adapted, record, result
+
+
+__all__ = ["BatchConstraint", "TransductiveResult", "adapt_transductive", "load_query_images"]

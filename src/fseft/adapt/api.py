@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
     from ..data.cases import Case
     from ..models import FoundationModel
     from .model import AdaptedModel
+
+#: ``(adapted, support volumes, progress) -> context manager yielding the per-epoch callback``
+FitHook = Callable[[Any, Sequence[Any], "Progress | None"], AbstractContextManager["Progress | None"]]
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +178,7 @@ def adapt(
     train_config: AdaptTrainConfig | None = None,
     validation: str | bool | None = None,
     progress: Progress | None = None,
+    around_fit: FitHook | None = None,
 ) -> tuple[AdaptedModel, AdaptRecord]:
     """Adapt a foundation model to new structures from a k-shot support set.
 
@@ -193,6 +199,9 @@ def adapt(
         validation: A case id to hold out for validation, True for the next case of the sampling
             permutation, or None.
         progress: Called after each epoch with an :class:`~fseft.adapt.trainer.EpochReport`.
+        around_fit: Optional context-manager factory ``(adapted, support volumes, progress)`` entered
+            around training; what it yields replaces the per-epoch callback (used by transductive
+            adaptation to add its query constraint to the supervised steps).
 
     Returns:
         ``(adapted model in eval mode, record of the run)``.
@@ -235,17 +244,19 @@ def adapt(
         adapted = apply_method(base, method, names, task, mcfg, base_fingerprint=fingerprint).to(device)
         lr = cfg.lr if cfg.lr is not None else adapted.lr
         path = resolve_path(adapted, cfg.feature_cache)
-        result = fit(
-            adapted,
-            volumes,
-            cfg,
-            lr=lr or 0.0,
-            seed=seed,
-            path=path,
-            validation=held,
-            device=device,
-            progress=progress,
-        )
+        hook = around_fit(adapted, volumes, progress) if around_fit else contextlib.nullcontext(progress)
+        with hook as on_epoch:
+            result = fit(
+                adapted,
+                volumes,
+                cfg,
+                lr=lr or 0.0,
+                seed=seed,
+                path=path,
+                validation=held,
+                device=device,
+                progress=on_epoch,
+            )
     record = AdaptRecord(
         method=method,
         method_config=to_dict(mcfg),

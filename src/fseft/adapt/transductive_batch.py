@@ -10,10 +10,11 @@ constraint is computed in its per-epoch progress callback and injected by parame
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -251,71 +252,45 @@ def adapt_transductive(
             mode without queries.
         DataError: unreadable cases, or a structure absent from every support volume.
     """
-    from ..anatomy import canonical
-    from ..config import to_dict
-    from ..runtime import resolve_device
-    from .api import AdaptRecord, PeakMemory, _method_config, _resolve_cases, _resolve_model
-    from .methods import get_method
-    from .model import apply_method
+    from .api import adapt
     from .size_prior import size_priors
-    from .support import foreground_checker, load_support_volumes, sample_support
-    from .trainer import TASKS, AdaptTrainConfig, fit, resolve_path
 
     tx = transductive or TransductiveConfig()
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     if tx.mode == "batch" and queries is None:
         raise ConfigError("transductive batch mode needs query volumes (a manifest of unlabelled cases)")
-    names = tuple(canonical(s) for s in ([structures] if isinstance(structures, str) else structures))
-    mcfg = _method_config(get_method(method), method_config)
-    cfg = train_config or AdaptTrainConfig()
-    device = resolve_device(cfg.device)
-    start = time.perf_counter()
-    with PeakMemory(device) as memory:
-        base = _resolve_model(model)
-        fingerprint = base.fingerprint()
-        pre = base.config.preprocess
-        chosen = sample_support(
-            _resolve_cases(support), names, k, seed, validation=validation or False, has_foreground=foreground_checker(names, pre)
-        )  # fmt: skip
-        volumes = load_support_volumes(chosen.support, names, pre)
-        held = load_support_volumes([chosen.validation], names, pre)[0] if chosen.validation else None
-        torch.manual_seed(seed)
-        adapted = apply_method(base, method, names, task, mcfg, base_fingerprint=fingerprint).to(device)
+    holder: dict[str, TransductiveResult] = {}
+
+    @contextlib.contextmanager
+    def around_fit(adapted: AdaptedModel, volumes: Sequence[Any], on_epoch: Progress | None) -> Iterator[Any]:
         check_black_box(adapted)
-        result = TransductiveResult(tx, size_priors(volumes, names, pre.spacing))
-        lr = cfg.lr if cfg.lr is not None else adapted.lr
-        path = resolve_path(adapted, cfg.feature_cache)
-        if tx.mode == "batch":
-            query_cases = _resolve_cases(queries)  # type: ignore[arg-type]
-            t0 = time.perf_counter()
-            feats = query_features(
-                adapted, load_query_images(query_cases, names, pre), [c.case_id for c in query_cases], tx
-            )
-            result.feature_time_s = time.perf_counter() - t0
-            with BatchConstraint(adapted, feats, result.priors, tx) as constraint:
-                fit_result = fit(
-                    adapted, volumes, cfg, lr=lr or 0.0, seed=seed, path=path, validation=held, device=device,
-                    progress=constraint.wrap(progress),
-                )  # fmt: skip
-            result.reports, result.constraint_steps = constraint.reports(), constraint.applied
-            del feats
-        else:
-            fit_result = fit(adapted, volumes, cfg, lr=lr or 0.0, seed=seed, path=path, validation=held, device=device, progress=progress)  # fmt: skip
-    record = AdaptRecord(
-        method=method, method_config=to_dict(mcfg), train_config=to_dict(cfg), seed=seed, k=k,
-        structures=list(names), task=task, support_case_ids=list(chosen.case_ids),
-        validation_case_id=chosen.validation.case_id if chosen.validation else None,
-        base_fingerprint=fingerprint, trainable_params=adapted.num_trainable(), lr=lr, path=fit_result.path,
-        wall_time_s=time.perf_counter() - start, feature_time_s=fit_result.feature_time_s + result.feature_time_s,
-        train_time_s=fit_result.train_time_s, peak_memory_bytes=memory.peak, memory_kind=memory.kind,
-        loss_curve=fit_result.loss_curve, val_loss_curve=fit_result.val_loss_curve, epochs_run=fit_result.epochs_run,
-        stop_reason=fit_result.stop_reason, device=str(device),
+        pre = adapted.base.config.preprocess
+        result = holder["result"] = TransductiveResult(
+            tx, size_priors(volumes, adapted.structures, pre.spacing)
+        )
+        if tx.mode != "batch":
+            yield on_epoch
+            return
+        from .api import _resolve_cases
+
+        query_cases = _resolve_cases(queries)  # type: ignore[arg-type]
+        t0 = time.perf_counter()
+        images = load_query_images(query_cases, adapted.structures, pre)
+        feats = query_features(adapted, images, [c.case_id for c in query_cases], tx)
+        result.feature_time_s = time.perf_counter() - t0
+        with BatchConstraint(adapted, feats, result.priors, tx) as constraint:
+            yield constraint.wrap(on_epoch)
+        result.reports, result.constraint_steps = constraint.reports(), constraint.applied
+
+    adapted, record = adapt(
+        model, support, structures, k=k, seed=seed, method=method, task=task, method_config=method_config,
+        train_config=train_config, validation=validation, progress=progress, around_fit=around_fit,
     )  # fmt: skip
+    result = holder["result"]
+    record.feature_time_s += result.feature_time_s
     if tx.mode == "batch" and result.constraint_steps == 0:
         logger.warning(
             "training stopped after %d epoch(s), before any constraint step (warm-up %d epochs)",
-            fit_result.epochs_run, tx.warmup_epochs,
+            record.epochs_run, tx.warmup_epochs,
         )  # fmt: skip
     return adapted, record, result
 

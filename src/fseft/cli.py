@@ -17,7 +17,9 @@ from .errors import FseftError
 #: subcommand name -> module under fseft.commands (imported lazily so ``--help`` stays fast).
 COMMANDS: dict[str, str] = {
     "adapt": "adapt",
+    "benchmark": "benchmark",
     "check-data": "check_data",
+    "demo": "demo",
     "evaluate": "evaluate",
     "methods": "methods",
     "predict": "predict",

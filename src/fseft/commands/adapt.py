@@ -280,18 +280,9 @@ class _ProgressBar:
     """A rich progress bar fed by the trainer's per-epoch reports (context manager + callback)."""
 
     def __init__(self, max_epochs: int) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from ._progress import progress_bar
 
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("left"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
+        self.bar = progress_bar(None, "{task.fields[info]}", transient=False)
         self.max_epochs = max_epochs
         self.tasks: dict[str, Any] = {}
 

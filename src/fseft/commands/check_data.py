@@ -7,8 +7,9 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+
+from ._progress import progress_bar
 
 _STYLE = {"error": "bold red", "warning": "yellow"}
 
@@ -49,20 +50,12 @@ def run(args: argparse.Namespace) -> int:
     from ..io_utils import write_json_atomic
 
     console = Console()
-    with Progress(
-        TextColumn("checking"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    ) as progress:
-        task = progress.add_task("", total=None)
+    with progress_bar(console) as progress:
+        task = progress.add_task("checking", total=None)
         report = check_manifest(
             args.manifest,
             template=args.template,
-            on_case=lambda case: progress.update(task, advance=1, description=case.case_id),
+            on_case=lambda case: progress.update(task, advance=1, description=f"checking {case.case_id}"),
         )
     if report.problems:
         if not console.is_terminal:  # keep each problem on one line in logs and pipes

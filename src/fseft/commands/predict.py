@@ -179,20 +179,9 @@ class _PredictProgress:
     """Two rich bars: cases across the batch, windows within the current case."""
 
     def __init__(self, console: Any, n_cases: int) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from ._progress import progress_bar
 
-        self.bar = Progress(
-            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-            disable=not console.is_terminal,
-        )  # fmt: skip
+        self.bar = progress_bar(console)
         self.cases = self.bar.add_task("cases", total=n_cases)
         self.windows = self.bar.add_task("windows", total=None)
 

@@ -221,20 +221,15 @@ class _TrainProgress:
     """A rich progress bar for the training loop; entering yields the loop's callback."""
 
     def __init__(self, console: Any, steps: int) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from ._progress import progress_bar
 
-        self.bar = Progress(
-            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} vol/s"),
-            TextColumn("{task.fields[val]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-        )  # fmt: skip
+        self.bar = progress_bar(
+            console,
+            "loss {task.fields[loss]}",
+            "{task.fields[speed]} vol/s",
+            "{task.fields[val]}",
+            transient=False,
+        )
         self.task = self.bar.add_task("pretrain", total=steps, loss="-", speed="-", val="")
 
     def __enter__(self) -> Any:

@@ -1,0 +1,400 @@
+"""Run a benchmark grid: one cell (task x method x k x seed) at a time, each written atomically.
+
+A finished cell is a JSON file ``OUT/cells/<cell id>.json`` holding the cell's configuration (and
+its hash), the adaptation record, the cost (trainable parameters, adapter file size, peak memory,
+adaptation wall time) and the per-query-case metrics. A cell whose file exists is never
+recomputed, so an interrupted benchmark resumes where it stopped; a file written under a different
+configuration is refused rather than silently mixed in. Shards (``--shard i/n``) are disjoint
+subsets of the same grid writing to the same kind of files; their folders merge by copying.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ..io_utils import atomic_path, write_json_atomic
+from .planning import Cell, Plan, model_available
+
+logger = logging.getLogger(__name__)
+
+CELLS_DIR = "cells"
+ADAPTERS_DIR = "adapters"
+CELL_FORMAT = "fseft-benchmark-cell"
+
+
+@dataclass(frozen=True)
+class CellEvent:
+    """What the progress callback hears about a cell.
+
+    Args:
+        stage: ``"start"``, ``"done"`` (computed now) or ``"cached"`` (its file already existed).
+        index: Position in the cells being run (0-based).
+        total: Number of cells being run.
+        cell: The cell.
+        seconds: Wall time of the cell (``done`` only).
+    """
+
+    stage: str
+    index: int
+    total: int
+    cell: Cell
+    seconds: float = 0.0
+
+
+def cell_path(out: Path, cell: Cell) -> Path:
+    """Where ``cell``'s result lives under ``out``."""
+    return out / CELLS_DIR / f"{cell.cell_id}.json"
+
+
+def run_cells(
+    plan: Plan,
+    cells: Sequence[Cell],
+    out: str | Path,
+    *,
+    on_cell: Callable[[CellEvent], None] | None = None,
+    on_epoch: Callable[[Any], None] | None = None,
+) -> list[Path]:
+    """Compute every cell of ``cells`` that has no result file yet.
+
+    Args:
+        plan: The resolved benchmark.
+        cells: The cells to run (the plan's, or a shard of them).
+        out: Output folder.
+        on_cell: Progress callback per cell.
+        on_epoch: Progress callback per training epoch (the trainer's ``EpochReport``).
+
+    Returns:
+        The result files of ``cells``, in order.
+
+    Raises:
+        ConfigError: a result file computed under another configuration.
+    """
+    out = Path(out)
+    paths = [cell_path(out, c) for c in cells]
+    todo = []
+    for cell, path in zip(cells, paths, strict=True):
+        if path.is_file():
+            _check_cached(plan, cell, path)
+        else:
+            todo.append(cell)
+    model = None
+    for i, cell in enumerate(cells):
+        if cell not in todo:
+            if on_cell:
+                on_cell(CellEvent("cached", i, len(cells), cell))
+            continue
+        if model is None:
+            model = _load_model(plan, out)
+        if on_cell:
+            on_cell(CellEvent("start", i, len(cells), cell))
+        start = time.perf_counter()
+        result = run_cell(plan, cell, model, out, on_epoch=on_epoch)
+        write_json_atomic(cell_path(out, cell), result)
+        if on_cell:
+            on_cell(CellEvent("done", i, len(cells), cell, time.perf_counter() - start))
+    return paths
+
+
+def _check_cached(plan: Plan, cell: Cell, path: Path) -> None:
+    try:
+        stored = json.loads(path.read_text())["config_hash"]
+    except (OSError, ValueError, KeyError):
+        raise DataError(f"{path}: unreadable benchmark cell; delete it to recompute the cell") from None
+    if stored != plan.config_hash(cell):
+        raise ConfigError(
+            f"{path}: computed under a different configuration of cell {cell.cell_id}; "
+            "use another --out or delete the file"
+        )
+
+
+def _load_model(plan: Plan, out: Path) -> Any:
+    from ..models import load_model
+
+    if not model_available(plan.model):
+        _build_model(plan, out)
+    return load_model(plan.model)
+
+
+def _build_model(plan: Plan, out: Path) -> None:
+    """Pre-train the protocol's foundation model into ``OUT/foundation`` (its ``build`` recipe)."""
+    import yaml
+
+    from ..cli import main
+    from ..io_utils import write_text_atomic
+
+    build = plan.protocol.model.build
+    if build is None:
+        raise ConfigError(f"model {plan.model!r} not found")
+    recipe = Path(plan.protocol.path).parent / build.assembly
+    if not recipe.is_file():
+        raise ConfigError(f"{plan.protocol.where}: model.build.assembly: {recipe} not found")
+    data = yaml.safe_load(recipe.read_text())
+    for entry in data.get("datasets", []):
+        entry["manifest"] = str((plan.data_root / entry["manifest"]).resolve())
+    folder = Path(plan.model).parent
+    assembly = folder / "assembly.yaml"
+    write_text_atomic(assembly, yaml.safe_dump(data, sort_keys=False))
+    argv = ["pretrain", "--assembly", str(assembly), "--out", str(folder), *build.args]
+    if (folder / "checkpoint.pt").is_file():
+        argv.append("--resume")
+    logger.info("building the foundation model: fseft %s", " ".join(argv))
+    code = main(argv)
+    if code != 0 or not Path(plan.model).is_file():
+        raise ConfigError(f"building the foundation model failed (fseft {' '.join(argv)})")
+
+
+def run_cell(
+    plan: Plan, cell: Cell, model: Any, out: Path, *, on_epoch: Callable[[Any], None] | None = None
+) -> dict[str, Any]:
+    """Adapt, predict every query case, evaluate; returns the cell's JSON-able result.
+
+    Args:
+        plan: The resolved benchmark.
+        cell: The cell.
+        model: The loaded foundation model (not modified).
+        out: Output folder (the adapter file goes to ``OUT/adapters``).
+        on_epoch: Per-epoch progress callback.
+
+    Returns:
+        ``{"format", "cell", "config_hash", "config", "record", "cost", "metrics"}``.
+    """
+    from ..adapt.adapter_io import save_adapter
+    from ..adapt.api import adapt
+    from ..adapt.methods import get_method
+
+    protocol, spec, task = plan.protocol, plan.method(cell), plan.task(cell.task)
+    options = dict(k=cell.k, seed=cell.seed, method=spec.method, task=task.spec.task,
+                   method_config=spec.method_config(), train_config=protocol.train_config(), progress=on_epoch)  # fmt: skip
+    extra: dict[str, Any] = {}
+    if spec.transductive:
+        from ..adapt.transductive_batch import adapt_transductive
+
+        adapted, record, tx = adapt_transductive(
+            model, task.pool, task.spec.structures, task.queries, transductive=spec.transductive_config(), **options
+        )  # fmt: skip
+        extra = tx.to_record()
+    else:
+        adapted, record = adapt(model, task.pool, task.spec.structures, **options)
+    adapter = out / ADAPTERS_DIR / f"{cell.cell_id}.safetensors"
+    save_adapter(adapted, adapter, {**record.to_dict(), **extra})
+    rows = evaluate_queries(adapted, task.queries, task.spec.structures, protocol)
+    cost = {
+        "trainable_params": record.trainable_params,
+        "adapter_bytes": adapter.stat().st_size,
+        "peak_memory_bytes": record.peak_memory_bytes,
+        "memory_kind": record.memory_kind,
+        "adapt_wall_s": record.wall_time_s,
+        "device": record.device,
+    }
+    return {
+        "format": CELL_FORMAT,
+        "cell": {**dataclasses.asdict(cell), "column": cell.column, "cell_id": cell.cell_id, "method": spec.method,
+                 "decoder": spec.method_config().decoder, "transductive": spec.transductive,
+                 "k_independent": get_method(spec.method).paper_lr is None},
+        "config_hash": plan.config_hash(cell),
+        "config": plan.cell_config(cell),
+        "record": {**record.to_dict(), **extra},
+        "cost": cost,
+        "metrics": rows,
+    }  # fmt: skip
+
+
+def evaluate_queries(
+    adapted: Any, queries: Sequence[Any], structures: Sequence[str], protocol: Any
+) -> list[dict[str, Any]]:
+    """Predict each query case on its own grid and score it against its reference.
+
+    Returns:
+        One row per (case, structure): ``case, structure, dice, hd95_mm, nsd, vol_pred_ml,
+        vol_gt_ml, flag`` (NaN metrics as None).
+    """
+    from ..data.io import read_image, read_label
+    from ..evaluation import evaluate_masks
+    from ..inference import predict_image
+
+    config = protocol.predict_config()
+    rows = []
+    for case in queries:
+        image = read_image(case.image)
+        prediction = predict_image(adapted, image, config=config)
+        masks: dict[str, np.ndarray] = {}
+        for source in case.labels:
+            for name, mask in read_label(source, image, structures=structures).items():
+                masks.setdefault(name, mask)
+        for i, name in enumerate(structures):
+            if name not in masks:
+                raise DataError(f"{case.case_id}: its labels hold no {name}")
+            m = evaluate_masks(prediction.label.array == i + 1, masks[name], image.spacing,
+                               protocol.nsd_tolerance_mm, case=case.case_id, structure=name)  # fmt: skip
+            rows.append({key: _finite(getattr(m, key)) for key in
+                         ("case", "structure", "dice", "hd95_mm", "nsd", "vol_pred_ml", "vol_gt_ml", "flag")})  # fmt: skip
+    return rows
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def read_cells(folders: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Every cell result under ``FOLDER/cells`` of each folder (duplicates must agree).
+
+    Raises:
+        ConfigError: the same cell computed under two configurations.
+        DataError: an unreadable cell file.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        for path in sorted((Path(folder) / CELLS_DIR).glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                raise DataError(f"{path}: unreadable benchmark cell") from None
+            if data.get("format") != CELL_FORMAT:
+                raise DataError(f"{path}: not a benchmark cell file")
+            key = data["cell"]["cell_id"]
+            if key in found and found[key]["config_hash"] != data["config_hash"]:
+                raise ConfigError(f"{path}: cell {key} was computed under another configuration elsewhere")
+            found.setdefault(key, data)
+    return list(found.values())
+
+
+def merge(folders: Sequence[str | Path], out: str | Path) -> list[dict[str, Any]]:
+    """Copy the cells (and adapters) of several benchmark folders into ``out``.
+
+    Returns:
+        The merged cells.
+
+    Raises:
+        ConfigError: conflicting cells, or a missing folder.
+    """
+    for folder in folders:
+        if not (Path(folder) / CELLS_DIR).is_dir():
+            raise ConfigError(f"{folder}: not a benchmark output folder (no {CELLS_DIR}/)")
+    cells = read_cells([out, *folders]) if (Path(out) / CELLS_DIR).is_dir() else read_cells(folders)
+    for folder in folders:
+        for sub in (CELLS_DIR, ADAPTERS_DIR):
+            source = Path(folder) / sub
+            if not source.is_dir() or source.resolve() == (Path(out) / sub).resolve():
+                continue
+            for path in source.iterdir():
+                target = Path(out) / sub / path.name
+                if path.is_file() and not path.name.startswith(".") and not target.exists():
+                    with atomic_path(target) as tmp:
+                        shutil.copyfile(path, tmp)
+    return cells
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """What :func:`run_benchmark` did.
+
+    Args:
+        plan: The resolved benchmark.
+        ran: The cells this call was asked to run (the shard).
+        cells: Every cell result now in the output folder (other shards' included).
+        outputs: The per-case CSV, per-seed CSV, Markdown tables and HTML report.
+    """
+
+    plan: Plan
+    ran: tuple[Cell, ...]
+    cells: tuple[dict[str, Any], ...]
+    outputs: dict[str, Path]
+
+    @property
+    def complete(self) -> bool:
+        """True when every cell of the grid has a result."""
+        return len(self.cells) >= len(self.plan.cells)
+
+
+def run_benchmark(
+    protocol: Any,
+    out: str | Path,
+    *,
+    data_root: str | Path | None = None,
+    model: str | None = None,
+    support: str | Path | None = None,
+    query: str | Path | None = None,
+    shard_spec: str | None = None,
+    on_cell: Callable[[CellEvent], None] | None = None,
+    on_epoch: Callable[[Any], None] | None = None,
+) -> BenchmarkResult:
+    """Plan a protocol, run its (shard of) cells, and write the tables and the report.
+
+    Args:
+        protocol: A :class:`~fseft.benchmark.protocol.Protocol` or the path / shipped name of one.
+        out: Output folder (cells, adapters, CSVs, ``results.md``, ``report.html``).
+        data_root: Folder the protocol's data paths are relative to (default ``OUT/data``).
+        model: Model name or file replacing the protocol's.
+        support: Support-pool manifest for every task (with ``query``).
+        query: Query manifest for every task.
+        shard_spec: ``"i/n"``: run only that shard of the grid.
+        on_cell: Per-cell progress callback.
+        on_epoch: Per-epoch progress callback.
+
+    Returns:
+        The :class:`BenchmarkResult`.
+
+    Raises:
+        ConfigError: invalid protocol or combination, before anything trains.
+        DataError: missing or unreadable data.
+    """
+    from .planning import plan as make_plan
+    from .planning import shard
+    from .protocol import Protocol, load_protocol
+
+    spec = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
+    out = Path(out)
+    resolved = make_plan(spec, data_root=data_root, out=out, model=model, support=support, query=query)
+    cells = shard(resolved.cells, shard_spec)
+    run_cells(resolved, cells, out, on_cell=on_cell, on_epoch=on_epoch)
+    results = read_cells([out])
+    return BenchmarkResult(resolved, tuple(cells), tuple(results), write_results(results, out, spec))
+
+
+def write_results(cells: Sequence[dict[str, Any]], out: str | Path, protocol: Any = None) -> dict[str, Path]:
+    """Write the CSVs, the Markdown tables and the HTML report (Dice-vs-k curves) for ``cells``.
+
+    Returns:
+        ``{"per_case", "per_seed", "tables", "report"}`` paths.
+
+    Raises:
+        DataError: when there is no cell result.
+    """
+    from ..report import build_report
+    from .tables import write_outputs
+
+    if not cells:
+        raise DataError(f"{out}: no benchmark cell results to tabulate")
+    metrics = protocol.metrics if protocol is not None else ("dice", "hd95", "nsd")
+    title = f"fseft benchmark: {protocol.name}" if protocol is not None else "fseft benchmark"
+    paths = write_outputs(cells, out, metrics, title)
+    paths["report"] = build_report(benchmark_csv=paths["per_seed"], out=Path(out) / "report.html",
+                                   title=title, overwrite=True)  # fmt: skip
+    return paths
+
+
+__all__ = [
+    "BenchmarkResult",
+    "run_benchmark",
+    "write_results",
+    "CellEvent",
+    "cell_path",
+    "evaluate_queries",
+    "merge",
+    "read_cells",
+    "run_cell",
+    "run_cells",
+]

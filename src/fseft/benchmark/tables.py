@@ -1,0 +1,213 @@
+"""Benchmark outputs from cell results: per-case CSV, per-seed CSV and the paper-style Markdown tables.
+
+Aggregation follows the paper: for each cell (task, method, k, seed) the metric is averaged over the
+query cases (and the task's structures); within a task group the per-task values of one seed are
+averaged over the group's tasks; the table shows the mean ± standard deviation (``ddof=1``) of that
+over seeds. The ``all`` column is the upper bound trained on every support case of each task.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io_utils import write_text_atomic
+from .planning import ALL
+
+PER_CASE_CSV = "results_per_case.csv"
+PER_SEED_CSV = "results_per_seed.csv"
+TABLES_MD = "results.md"
+PER_CASE_COLUMNS = (
+    "task", "group", "method", "method_name", "decoder", "transductive", "k", "all_train", "seed", "case",
+    "structure", "dice", "hd95_mm", "nsd", "vol_pred_ml", "vol_gt_ml", "flag", "trainable_params",
+    "adapter_bytes", "peak_memory_bytes", "adapt_wall_s",
+)  # fmt: skip
+PER_SEED_COLUMNS = ("task", "group", "method", "k", "seed", "structure", "dice", "hd95_mm", "nsd")
+_METRIC_NAMES = {"dice": ("dice", "Dice"), "nsd": ("nsd", "NSD"), "hd95": ("hd95_mm", "HD95 (mm)")}
+
+
+def per_case_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (cell, query case, structure), in grid order."""
+    rows = []
+    for data in _ordered(cells):
+        c, cost = data["cell"], data["cost"]
+        for m in data["metrics"]:
+            rows.append({
+                "task": c["task"], "group": c["group"], "method": c["label"], "method_name": c["method"],
+                "decoder": c["decoder"], "transductive": c["transductive"], "k": c["k"],
+                "all_train": c["all_train"], "seed": c["seed"], **m,
+                "trainable_params": cost["trainable_params"], "adapter_bytes": cost["adapter_bytes"],
+                "peak_memory_bytes": cost["peak_memory_bytes"], "adapt_wall_s": cost["adapt_wall_s"],
+            })  # fmt: skip
+    return rows
+
+
+def per_seed_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cell: metrics averaged over its query cases and structures.
+
+    The ``structure`` column holds the task name, so :func:`fseft.report.build_report` draws one
+    Dice-vs-k panel per task.
+    """
+    rows = []
+    for data in _ordered(cells):
+        c = data["cell"]
+        means = {key: _mean([m[key] for m in data["metrics"]]) for key in ("dice", "hd95_mm", "nsd")}
+        rows.append({"task": c["task"], "group": c["group"], "method": c["label"], "k": c["k"],
+                     "seed": c["seed"], "structure": c["task"], **means})  # fmt: skip
+    return rows
+
+
+def _ordered(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    def key(d: dict[str, Any]) -> tuple[Any, ...]:
+        c = d["cell"]
+        return (c["task_index"], c["method_index"], c["all_train"], c["k"], c["seed"])
+
+    return sorted(cells, key=key)
+
+
+def _mean(values: Sequence[Any]) -> float:
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """CSV text with a header; floats with full precision, missing values as ``nan``."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_value(row.get(c)) for c in columns])
+    return buffer.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    return repr(value) if isinstance(value, float) else value
+
+
+def group_table(
+    cells: Sequence[dict[str, Any]], group: str, metric: str = "dice", *, cost: bool = True
+) -> str:
+    """The Markdown table of one task group: rows methods, columns k, mean ± std over seeds.
+
+    Args:
+        cells: Cell results (any order; only those of ``group`` are used).
+        group: Task group.
+        metric: ``dice``, ``nsd`` or ``hd95``.
+        cost: Add the cost columns (trainable parameters, adapter file size, peak memory and
+            adaptation wall time, averaged over the method's cells in the group).
+
+    Returns:
+        The table (with a title line).
+    """
+    key, title = _METRIC_NAMES[metric]
+    mine = [d for d in _ordered(cells) if d["cell"]["group"] == group]
+    tasks = list(dict.fromkeys(d["cell"]["task"] for d in mine))
+    methods = list(
+        dict.fromkeys(d["cell"]["label"] for d in sorted(mine, key=lambda d: d["cell"]["method_index"]))
+    )
+    columns = sorted({d["cell"]["k"] for d in mine if not d["cell"]["all_train"]})
+    has_all = any(d["cell"]["all_train"] for d in mine)
+    # (method, column, seed) -> task -> value (mean over queries and structures)
+    values: dict[tuple[str, str, int], dict[str, float]] = {}
+    for d in mine:
+        c = d["cell"]
+        value = _mean([m[key] for m in d["metrics"]])
+        # a method that trains nothing (zero-shot) has one cell, shown under every k
+        cols = (
+            [str(k) for k in columns] if c.get("k_independent") else [ALL if c["all_train"] else str(c["k"])]
+        )
+        for column in cols:
+            values.setdefault((c["label"], column, c["seed"]), {})[c["task"]] = value
+    heads = [f"k={k}" for k in columns] + ([ALL] if has_all else [])
+    costs = ["trainable params", "adapter size", "peak memory", "adapt time"] if cost else []
+    lines = [
+        f"**{group}** tasks ({', '.join(tasks)}): {title}, mean ± std over seeds",
+        "",
+        "| method | " + " | ".join(heads + costs) + " |",
+        "|---|" + "---:|" * (len(heads) + len(costs)),
+    ]
+    for method in methods:
+        row = [method]
+        for column in [str(k) for k in columns] + ([ALL] if has_all else []):
+            per_seed = [
+                _mean(list(by_task.values())) if len(by_task) == len(tasks) else math.nan
+                for (m, col, _), by_task in values.items()
+                if m == method and col == column
+            ]
+            row.append(_mean_std(per_seed))
+        if cost:
+            row += _cost_cells([d["cost"] for d in mine if d["cell"]["label"] == method])
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "–"
+    if len(finite) == 1:
+        return f"{finite[0]:.3f}"
+    return f"{np.mean(finite):.3f} ± {np.std(finite, ddof=1):.3f}"
+
+
+def _cost_cells(costs: Sequence[dict[str, Any]]) -> list[str]:
+    params = int(np.mean([c["trainable_params"] for c in costs]))
+    size = float(np.mean([c["adapter_bytes"] for c in costs]))
+    memory = float(np.mean([c["peak_memory_bytes"] for c in costs]))
+    wall = float(np.mean([c["adapt_wall_s"] for c in costs]))
+    return [f"{params:,}", _bytes(size), _bytes(memory), f"{wall:.1f} s"]
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def markdown(cells: Sequence[dict[str, Any]], metrics: Sequence[str] = ("dice",), title: str = "") -> str:
+    """All tables: per task group, the Dice table with cost columns, then one table per other metric."""
+    groups = list(dict.fromkeys(d["cell"]["group"] for d in _ordered(cells)))
+    parts = [f"# {title}"] if title else []
+    for group in groups:
+        parts.append(group_table(cells, group, "dice"))
+        parts += [group_table(cells, group, m, cost=False) for m in metrics if m != "dice"]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_outputs(
+    cells: Sequence[dict[str, Any]], out: str | Path, metrics: Sequence[str] = ("dice",), title: str = ""
+) -> dict[str, Path]:
+    """Write the per-case CSV, the per-seed CSV and the Markdown tables under ``out``.
+
+    Returns:
+        ``{"per_case": ..., "per_seed": ..., "tables": ...}`` paths.
+    """
+    out = Path(out)
+    paths = {"per_case": out / PER_CASE_CSV, "per_seed": out / PER_SEED_CSV, "tables": out / TABLES_MD}
+    write_text_atomic(paths["per_case"], to_csv(per_case_rows(cells), PER_CASE_COLUMNS))
+    write_text_atomic(paths["per_seed"], to_csv(per_seed_rows(cells), PER_SEED_COLUMNS))
+    write_text_atomic(paths["tables"], markdown(cells, metrics, title))
+    return paths
+
+
+__all__ = [
+    "PER_CASE_CSV",
+    "PER_SEED_CSV",
+    "TABLES_MD",
+    "group_table",
+    "markdown",
+    "per_case_rows",
+    "per_seed_rows",
+    "to_csv",
+    "write_outputs",
+]

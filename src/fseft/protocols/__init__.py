@@ -1,0 +1,1 @@
+"""Benchmark protocols shipped with fseft (YAML data files; see :mod:`fseft.benchmark.protocol`)."""

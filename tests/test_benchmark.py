@@ -1,0 +1,327 @@
+"""The benchmark harness: protocol validation, planning on fake dataset trees, resume, shards, tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fseft.benchmark import load_protocol, parse_protocol, plan, read_cells, run_benchmark, shipped_protocols
+from fseft.benchmark import runner as runner_module
+from fseft.benchmark.planning import shard
+from fseft.cli import main
+from fseft.config import PreprocessConfig
+from fseft.data.cases import Case, LabelSource
+from fseft.data.image import Image
+from fseft.data.io import write_image
+from fseft.data.manifests import write_manifest_csv
+from fseft.errors import ConfigError, DataError
+from fseft.models import ModelConfig, build_model, save_model
+
+SHAPE = (30, 30, 28)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model (liver, pancreas) and 6 cases with a bright 'pancreas' blob (synth template)."""
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="unet-small", feature_size=4, structures=("liver", "pancreas"),
+                      preprocess=PreprocessConfig(spacing=(2.0, 2.0, 2.0), roi=(32, 32, 32)))  # fmt: skip
+    model = save_model(build_model(cfg), root / "tiny.pt")
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"))
+    cases = []
+    for i in range(6):
+        rng = np.random.default_rng(i)
+        centre = rng.integers(9, np.array(SHAPE) - 9)
+        inside = ((grid - centre[:, None, None, None]) ** 2).sum(0) < 25
+        hu = rng.normal(40, 20, SHAPE) + 200 * inside
+        write_image(Image(hu.astype(np.int16), affine), root / f"img{i}.nii.gz")
+        write_image(Image((inside * 6).astype(np.uint8), affine), root / f"lab{i}.nii.gz")  # 6 = pancreas
+        source = LabelSource(root / f"lab{i}.nii.gz", "synth")
+        cases.append(Case(f"case{i}", root / f"img{i}.nii.gz", (source,), structures=("pancreas",)))
+    write_manifest_csv(cases, root / "manifest.csv")
+    return {"root": root, "model": model, "manifest": root / "manifest.csv"}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FSEFT_CACHE", str(tmp_path / "cache"))
+
+
+def protocol_dict(**changes) -> dict:
+    """A 10-cell grid: zero-shot (k-independent), linear-probe, transductive spatial-adapter; k 1, 2; 2 seeds."""
+    data = {
+        "name": "tiny",
+        "data": {"source": "manifest", "sources": [{"manifest": "manifest.csv"}], "query_count": 2},
+        "tasks": [{"name": "pancreas", "group": "base", "structures": ["pancreas"]}],
+        "methods": [
+            {"method": "zero-shot"},
+            {"method": "linear-probe"},
+            {"method": "spatial-adapter", "transductive": True, "transductive_options": {"warmup_epochs": 1}},
+        ],
+        "k": [1, 2],
+        "seeds": [0, 1],
+        "train": {"max_epochs": 2, "num_samples": 2, "feature_overlap": 0.0, "device": "cpu"},
+        "predict": {"overlap": 0.0, "device": "cpu"},
+    }
+    data.update(changes)
+    return data
+
+
+def write_protocol(folder: Path, data: dict) -> Path:
+    path = folder / "protocol.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# --- parsing and validation --------------------------------------------------------------------
+
+
+def test_shipped_protocols_parse():
+    assert {"synthetic", "demo", "openkbp", "totalsegmentator", "flare22"} <= set(shipped_protocols())
+    demo = load_protocol("demo")
+    assert [m.row_label for m in demo.methods] == [
+        "zero-shot",
+        "linear-probe",
+        "spatial-adapter",
+        "lora",
+        "full-ft",
+    ]
+    assert demo.k == (1, 5) and demo.seeds == (0,) and demo.groups() == ["base", "novel"]
+    synthetic = load_protocol("synthetic")
+    assert synthetic.data.source == "synth" and synthetic.data.sites == ("t",)
+    assert "spatial-adapter +TI" in [m.row_label for m in synthetic.methods]
+    assert any(m.all_train for m in synthetic.methods)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"methods": [{"method": "lorra"}]}, "methods[0] (lorra): unknown adaptation method 'lorra'"),
+        (
+            {"methods": [{"method": "lora", "options": {"rnk": 2}}]},
+            "methods[0] (lora): unknown LoRAConfig option",
+        ),
+        ({"methods": [{"method": "lora", "transductive": True}]}, "transductive inference needs a black-box"),
+        ({"tasks": [{"name": "x", "structures": ["pancreaz"]}]}, "tasks[0]: unknown structure 'pancreaz'"),
+        ({"k": [0, 1]}, "k: support sizes must be distinct integers >= 1"),
+        ({"metrics": ["dice", "iou"]}, "metrics: unknown ['iou']"),
+        ({"train": {"max_epoch": 3}}, "train: unknown AdaptTrainConfig option"),
+        ({"method": []}, "unknown field(s) ['method']"),
+    ],
+)
+def test_invalid_protocols_fail_with_one_line(tmp_path, change, message):
+    path = write_protocol(tmp_path, protocol_dict(**change))
+    with pytest.raises(ConfigError) as err:
+        load_protocol(path)
+    text = str(err.value)
+    assert text.startswith(str(path)) and message in text and "\n" not in text
+
+
+def test_plan_errors_before_training(workspace, tmp_path):
+    root = workspace["root"]
+    too_big = load_protocol(write_protocol(tmp_path, protocol_dict(k=[1, 5])))
+    with pytest.raises(
+        ConfigError, match=r"tasks\[0\] \(pancreas\): k=5 is larger than the support pool \(4 of 4"
+    ):
+        plan(too_big, data_root=root, model=str(workspace["model"]))
+    missing = load_protocol(write_protocol(tmp_path, protocol_dict()))
+    with pytest.raises(DataError, match=r"data.sources\[0\]: manifest .*nowhere/manifest.csv not found"):
+        plan(missing, data_root=root / "nowhere", model=str(workspace["model"]))
+    novel = protocol_dict(tasks=[{"name": "duo", "structures": ["duodenum"]}])
+    with pytest.raises(DataError, match="none of the 2 query cases annotates duodenum"):
+        plan(load_protocol(write_protocol(tmp_path, novel)), data_root=root, model=str(workspace["model"]))
+
+
+def test_cli_reports_one_line(workspace, tmp_path, capsys):
+    path = write_protocol(tmp_path, protocol_dict(k=[1, 9]))
+    code = main(["benchmark", str(path), "--data-root", str(workspace["root"]), "--model", str(workspace["model"]),
+                 "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "k=9 is larger than the support pool" in err
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_plan_split_and_cells(workspace, tmp_path):
+    p = plan(load_protocol(write_protocol(tmp_path, protocol_dict())), data_root=workspace["root"],
+             model=str(workspace["model"]))  # fmt: skip
+    task = p.tasks[0]
+    assert [c.case_id for c in task.pool] == ["case0", "case1", "case2", "case3"]
+    assert [c.case_id for c in task.queries] == ["case4", "case5"]
+    labels = [(c.label, c.k, c.seed) for c in p.cells]
+    # zero-shot trains nothing: one cell per seed stands for every k
+    assert labels[:2] == [("zero-shot", 1, 0), ("zero-shot", 1, 1)] and len(p.cells) == 10
+    halves = shard(p.cells, "1/2") + shard(p.cells, "2/2")
+    assert sorted(c.cell_id for c in halves) == sorted(c.cell_id for c in p.cells)
+    with pytest.raises(ConfigError, match="--shard must be 'i/n'"):
+        shard(p.cells, "3/2")
+
+
+# --- fake TotalSegmentator / FLARE22 trees -----------------------------------------------------
+
+
+def _tiny_nifti(path: Path) -> None:
+    write_image(Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), path)
+
+
+def test_totalsegmentator_plans_on_a_fake_tree(tmp_path):
+    protocol = load_protocol("totalsegmentator")
+    ids = {i for t in protocol.tasks for i in (*t.support_cases, *t.query_cases)}
+    for subject in sorted(ids) + ["s9999"]:  # one subject no list names
+        _tiny_nifti(tmp_path / subject / "ct.nii.gz")
+        (tmp_path / subject / "segmentations").mkdir()
+    p = plan(protocol, data_root=tmp_path, out=tmp_path / "out", check_methods=False)
+    liver = p.task("liver")
+    assert [c.case_id for c in liver.queries] == ["s0004", "s0029", "s0502", "s0785", "s0801"]
+    assert len(liver.pool) == 30 and liver.pool[0].labels[0].template == "totalsegmentator"
+    assert p.task("heart").spec.group == "novel" and len(p.task("heart").pool) == 35
+    assert p.task("lung_lobes").spec.structures[0] == "lung_upper_lobe_left"
+    seeds, ks = len(protocol.seeds), len(protocol.k)
+    trained = len(protocol.methods) - 1  # all but zero-shot
+    expected = 9 * (seeds + trained * ks * seeds + seeds) + 3 * (trained * ks * seeds + seeds)
+    assert len(p.cells) == expected
+    assert p.model == "swinunetr48.fseft"
+
+
+def test_flare22_plans_on_a_fake_tree(tmp_path):
+    protocol = load_protocol("flare22")
+    task = protocol.tasks[0]
+    for folder, names in (("train", task.support_cases), ("tuning", task.query_cases + ("FLARETs_0002",))):
+        for name in names:
+            _tiny_nifti(tmp_path / folder / "images" / f"{name}_0000.nii.gz")
+            _tiny_nifti(tmp_path / folder / "labels" / f"{name}.nii.gz")
+    p = plan(protocol, data_root=tmp_path, out=tmp_path / "out", check_methods=False)
+    t = p.tasks[0]
+    assert len(t.pool) == 50 and len(t.queries) == 22 and t.spec.task == "multiclass"
+    assert t.queries[0].image.name == "FLARETs_0001_0000.nii.gz" and t.queries[0].split == "tuning"
+    assert t.pool[0].labels[0].template == "flare22"
+    (tmp_path / "tuning" / "images" / "FLARETs_0050_0000.nii.gz").unlink()
+    with pytest.raises(DataError, match="FLARETs_0050.nii.gz has no image"):
+        plan(protocol, data_root=tmp_path, check_methods=False)
+
+
+# --- running: resume, shards, tables -----------------------------------------------------------
+
+
+def _dice(out: Path, method: str = "linear-probe") -> dict[tuple[str, str], str]:
+    with open(out / "results_per_seed.csv") as f:
+        return {(r["k"], r["seed"]): r["dice"] for r in csv.DictReader(f) if r["method"] == method}
+
+
+#: The linear-probe part of the reference grid (4 cells), for the resume and shard tests.
+LP_ONLY = {"methods": [{"method": "linear-probe"}]}
+
+
+@pytest.fixture(scope="module")
+def reference(workspace, tmp_path_factory) -> Path:
+    """The whole grid run in one go."""
+    out = tmp_path_factory.mktemp("reference")
+    path = write_protocol(out, protocol_dict())
+    run_benchmark(path, out, data_root=workspace["root"], model=str(workspace["model"]))
+    return out
+
+
+@pytest.mark.slow
+def test_outputs_and_tables(reference):
+    cells = read_cells([reference])
+    assert len(cells) == 10
+    cell = next(c for c in cells if c["cell"]["label"] == "spatial-adapter +TI")
+    assert cell["record"]["transductive"]["constraint_steps"] >= 1 and "size_priors" in cell["record"]
+    assert {m["case"] for m in cell["metrics"]} == {"case4", "case5"}
+    assert cell["cost"]["trainable_params"] > 0 and cell["cost"]["adapter_bytes"] > 0
+    with open(reference / "results_per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20 and {
+        "task",
+        "method",
+        "decoder",
+        "k",
+        "seed",
+        "case",
+        "dice",
+        "hd95_mm",
+        "nsd",
+    } <= set(rows[0])
+    table = (reference / "results.md").read_text()
+    assert "| method | k=1 | k=2 | trainable params | adapter size | peak memory | adapt time |" in table
+    # mean over the query cases per seed, then mean ± std over seeds
+    lp = [c for c in cells if c["cell"]["label"] == "linear-probe" and c["cell"]["k"] == 2]
+    per_seed = [np.mean([m["dice"] for m in c["metrics"]]) for c in lp]
+    line = next(x for x in table.splitlines() if x.startswith("| linear-probe |"))
+    assert line.split(" | ")[2] == f"{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f}"
+    zero = next(x for x in table.splitlines() if x.startswith("| zero-shot |")).split(" | ")
+    assert zero[1] == zero[2]  # one zero-shot result shown under every k
+    assert "Dice against support size" in (reference / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_recomputes_nothing(workspace, reference, tmp_path, monkeypatch):
+    path = write_protocol(tmp_path, protocol_dict(**LP_ONLY))
+    out = tmp_path / "out"
+    real = runner_module.run_cell
+    calls: list[str] = []
+
+    def crashing(plan, cell, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(cell.cell_id)
+        return real(plan, cell, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "run_cell", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(path, out, data_root=workspace["root"], model=str(workspace["model"]))
+    done = sorted((out / "cells").glob("*.json"))
+    assert len(done) == 2 and not list((out / "cells").glob(".*"))  # no partial file
+    mtimes = {p.name: p.stat().st_mtime_ns for p in done}
+    first = list(calls)
+
+    def counting(plan, cell, *args, **kwargs):
+        calls.append(cell.cell_id)
+        return real(plan, cell, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "run_cell", counting)
+    run_benchmark(path, out, data_root=workspace["root"], model=str(workspace["model"]))
+    assert len(calls) == 4 and not set(calls[2:]) & set(first)
+    assert {p.name: p.stat().st_mtime_ns for p in done} == mtimes
+    assert len(_dice(out)) == 4 and _dice(out) == _dice(reference)
+    calls.clear()
+    run_benchmark(path, out, data_root=workspace["root"], model=str(workspace["model"]))
+    assert calls == []
+
+
+@pytest.mark.slow
+def test_shards_merge_to_the_unsharded_result(workspace, reference, tmp_path):
+    path = write_protocol(tmp_path, protocol_dict(**LP_ONLY))
+    for i in (1, 2):
+        code = main(["benchmark", str(path), "--data-root", str(workspace["root"]), "--model", str(workspace["model"]),
+                     "--shard", f"{i}/2", "--out", str(tmp_path / f"shard{i}")])  # fmt: skip
+        assert code == 0
+    assert len(read_cells([tmp_path / "shard1"])) == 2 and len(read_cells([tmp_path / "shard2"])) == 2
+    merged = tmp_path / "merged"
+    assert (
+        main(
+            ["benchmark", "--merge", str(tmp_path / "shard1"), str(tmp_path / "shard2"), "--out", str(merged)]
+        )
+        == 0
+    )
+    assert len(_dice(merged)) == 4 and _dice(merged) == _dice(reference)
+    assert len(list((merged / "adapters").glob("*.safetensors"))) == 4
+    # a cell computed under another configuration is refused, not mixed in
+    cell = next((tmp_path / "shard1" / "cells").glob("*.json"))
+    data = json.loads(cell.read_text())
+    data["config_hash"] = "0" * 16
+    cell.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="computed under a different configuration"):
+        run_benchmark(path, tmp_path / "shard1", data_root=workspace["root"], model=str(workspace["model"]))
+
+
+def test_parse_protocol_names_the_source():
+    with pytest.raises(ConfigError, match=r"^inline: missing field 'k'$"):
+        parse_protocol({"name": "x", "tasks": [], "methods": []}, "inline")

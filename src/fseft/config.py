@@ -121,21 +121,21 @@ def _coerce(tp: Any, v: Any) -> Any:
     return v
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping.
+def load_yaml(path: str | Path, what: str = "config", *, allow_list: bool = False) -> Any:
+    """Read a YAML mapping (or, with ``allow_list``, a mapping or a list).
 
     Raises:
-        ConfigError: naming the file when it is missing, unreadable or not a mapping.
+        ConfigError: naming the file when it is missing, unreadable or of the wrong shape.
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
+        raise ConfigError(f"{p}: {what} file not found")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
+    if not isinstance(data, dict) and not (allow_list and isinstance(data, list)):
+        raise ConfigError(f"{p}: expected a mapping at the top level" + (" or a list" if allow_list else ""))
     return data
 
 

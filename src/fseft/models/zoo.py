@@ -24,21 +24,8 @@ from .config import ModelConfig
 from .download import ProgressFn, download
 from .foundation import FoundationModel, build_model
 
-_BTCV_13 = (
-    "spleen",
-    "kidney_right",
-    "kidney_left",
-    "gallbladder",
-    "esophagus",
-    "liver",
-    "stomach",
-    "aorta",
-    "inferior_vena_cava",
-    "portal_vein_and_splenic_vein",
-    "pancreas",
-    "adrenal_gland_right",
-    "adrenal_gland_left",
-)
+# BTCV's 13 organs are the first 13 structures of the paper's universal template, in the same order.
+_BTCV_13 = UNIVERSAL_29[:13]
 _PAPER = PreprocessConfig(spacing=(1.5, 1.5, 1.5), hu_window=(-175.0, 250.0), roi=(96, 96, 96))
 _HF = "https://huggingface.co/MrGiovanni/SuPreM/resolve/main/"
 _MONAI = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"

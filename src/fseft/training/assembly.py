@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ..anatomy import UNIVERSAL_29, canonical, get_template, structure_names
-from ..config import from_dict
+from ..config import from_dict, load_yaml
 from ..data.cases import Case
 from ..errors import ConfigError, DataError
 
@@ -123,16 +122,9 @@ def load_assembly(path: str | Path) -> AssemblyConfig:
         ConfigError: naming the file on invalid YAML, unknown keys or values.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: assembly file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    data = load_yaml(p, "assembly", allow_list=True)
     if isinstance(data, list):
         data = {"datasets": data}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping with a 'datasets' list, or a list of datasets")
     entries = data.get("datasets")
     if not isinstance(entries, list):
         raise ConfigError(f"{p}: expected a 'datasets' list")

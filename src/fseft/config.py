@@ -131,7 +131,7 @@ def load_yaml(path: str | Path, what: str = "config", *, allow_list: bool = Fals
     if not p.is_file():
         raise ConfigError(f"{p}: {what} file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) and not (allow_list and isinstance(data, list)):

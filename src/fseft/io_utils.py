@@ -39,7 +39,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:

@@ -31,7 +31,9 @@ class Registry(Generic[T]):
             ConfigError: if ``name`` is already registered.
         """
         if name in self._items:
-            raise ConfigError(f"duplicate {self.kind} {name!r}; already registered: {', '.join(self.names())}")
+            raise ConfigError(
+                f"duplicate {self.kind} {name!r}; already registered: {', '.join(self.names())}"
+            )
         self._items[name] = item
         return item
 
@@ -52,7 +54,9 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise ConfigError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}") from None
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
+            ) from None
 
     def names(self) -> list[str]:
         """Registered names, sorted."""

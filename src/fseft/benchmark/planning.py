@@ -256,7 +256,7 @@ def _synth_manifest(protocol: Protocol, root: Path) -> Path:
     data = protocol.data
     manifest, info = root / "manifest.csv", root / "synth.json"
     if manifest.is_file() and info.is_file():
-        meta = json.loads(info.read_text())
+        meta = json.loads(info.read_text(encoding="utf-8"))
         expected = {"preset": data.synth_preset, "seed": data.synth_seed}
         found = {"preset": meta.get("preset"), "seed": meta.get("seed")}
         if data.synth_cases is not None:

@@ -108,7 +108,7 @@ def run_cells(
 
 def _check_cached(plan: Plan, cell: Cell, path: Path) -> None:
     try:
-        stored = json.loads(path.read_text())["config_hash"]
+        stored = json.loads(path.read_text(encoding="utf-8"))["config_hash"]
     except (OSError, ValueError, KeyError):
         raise DataError(f"{path}: unreadable benchmark cell; delete it to recompute the cell") from None
     if stored != plan.config_hash(cell):
@@ -139,7 +139,7 @@ def _build_model(plan: Plan, out: Path) -> None:
     recipe = Path(plan.protocol.path).parent / build.assembly
     if not recipe.is_file():
         raise ConfigError(f"{plan.protocol.where}: model.build.assembly: {recipe} not found")
-    data = yaml.safe_load(recipe.read_text())
+    data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
     for entry in data.get("datasets", []):
         entry["manifest"] = str((plan.data_root / entry["manifest"]).resolve())
     folder = Path(plan.model).parent
@@ -259,7 +259,7 @@ def read_cells(folders: Sequence[str | Path]) -> list[dict[str, Any]]:
     for folder in folders:
         for path in sorted((Path(folder) / CELLS_DIR).glob("*.json")):
             try:
-                data = json.loads(path.read_text())
+                data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 raise DataError(f"{path}: unreadable benchmark cell") from None
             if data.get("format") != CELL_FORMAT:

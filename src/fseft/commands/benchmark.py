@@ -115,7 +115,7 @@ def show_outputs(console: Any, outputs: dict[str, Path]) -> None:
     """Print the Markdown tables and where every output is."""
     from rich.markdown import Markdown
 
-    console.print(Markdown(outputs["tables"].read_text()))
+    console.print(Markdown(outputs["tables"].read_text(encoding="utf-8")))
     console.print(f"per-case results: {outputs['per_case']}")
     console.print(f"tables:           {outputs['tables']}")
     console.print(f"HTML report:      {outputs['report']}")

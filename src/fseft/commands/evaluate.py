@@ -156,9 +156,13 @@ def evaluate(cfg: EvaluateConfig, console: Console) -> int:
         try:
             with contextlib.ExitStack() as stack:  # every file appears, or none does
                 tmp = {name: stack.enter_context(atomic_path(path)) for name, path in targets.items()}
-                tmp[PER_CASE_CSV].write_text(to_csv(rows, [f.name for f in fields(StructureMetrics)]))
-                tmp[SUMMARY_CSV].write_text(to_csv(summary, [f.name for f in fields(SummaryRow)]))
-                tmp[METRICS_JSON].write_text(json.dumps(document, indent=2) + "\n")
+                tmp[PER_CASE_CSV].write_text(
+                    to_csv(rows, [f.name for f in fields(StructureMetrics)]), encoding="utf-8"
+                )
+                tmp[SUMMARY_CSV].write_text(
+                    to_csv(summary, [f.name for f in fields(SummaryRow)]), encoding="utf-8"
+                )
+                tmp[METRICS_JSON].write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{cfg.out}: cannot write the outputs ({e.strerror or e})") from e
     console.print(_table(summary, cfg.tolerance_mm, len({r.case for r in rows})))

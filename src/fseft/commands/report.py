@@ -80,7 +80,7 @@ def _recorded(evaluation: Path | None) -> tuple[dict[str, Path], dict[str, float
     if evaluation is None or not (evaluation / "metrics.json").is_file():
         return {}, {}
     try:
-        doc = json.loads((evaluation / "metrics.json").read_text())
+        doc = json.loads((evaluation / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}, {}
     paths = {k: Path(doc[k]) for k in ("pred", "gt") if isinstance(doc.get(k), str) and Path(doc[k]).exists()}

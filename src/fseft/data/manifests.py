@@ -102,7 +102,7 @@ def write_manifest_csv(cases: Iterable[Case], path: str | os.PathLike[str]) -> N
     def rel(p: Path) -> str:
         return os.path.relpath(_absolute(p), folder)
 
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow([*_CSV_COLUMNS, *meta_keys])
         for case in cases:
@@ -163,7 +163,7 @@ def _default_case_id(image: Path) -> str:
 def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Lower-cased column names and ``(line number, row)`` pairs; ``;`` or ``,`` separated."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             header = f.readline()
             f.seek(0)
             reader = csv.DictReader(f, delimiter=";" if header.count(";") > header.count(",") else ",")
@@ -263,7 +263,7 @@ def _load_openkbp(path: Path, base: Path, rows: list[tuple[int, dict[str, str]]]
 
 def _load_dataset_json(path: Path, base: Path, template: str | None) -> list[Case]:
     try:
-        spec: dict[str, Any] = json.loads(path.read_text())
+        spec: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: not a readable dataset.json ({e})") from e
     if not isinstance(spec, dict) or not isinstance(spec.get("labels"), dict):

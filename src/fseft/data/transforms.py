@@ -28,7 +28,7 @@ from monai.transforms import (
     CropForegroundd,
     MapTransform,
     Orientationd,
-    RandCropByPosNegLabeld,
+    RandCropByLabelClassesd,
     RandFlipd,
     RandRotate90d,
     RandShiftIntensityd,
@@ -297,15 +297,19 @@ def sampling_transforms(cfg: PreprocessConfig, structures: Sequence[str], mode: 
     keys = ["image", "label"]
     steps: list[Transform] = [
         KeepAnnotatedd("label"),
-        RandCropByPosNegLabeld(
+        # Class-balanced positives: the ``pos`` share is split evenly over the structures, so small
+        # organs are centred as often as the liver (a structure absent from the case gets none). The
+        # background keeps a tiny share even at neg=0, so a case with nothing annotated still crops.
+        RandCropByLabelClassesd(
             keys,
             label_key="label",
             spatial_size=cfg.roi,
-            pos=cfg.pos,
-            neg=cfg.neg,
+            ratios=[max(cfg.neg, 1e-6)] + [cfg.pos / len(structures)] * len(structures),
+            num_classes=len(structures) + 1,
             num_samples=cfg.num_samples,
             image_key="image",
             image_threshold=0.0,
+            warn=False,
         ),
     ]
     if cfg.augment:

@@ -103,7 +103,7 @@ def read_labels_json(path: str | os.PathLike[str]) -> dict[int, str]:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: labels file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -202,6 +202,6 @@ def _write_probability(image: Image, path: Path, dtype: str) -> None:
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None

@@ -6,6 +6,7 @@ Public API: :class:`ModelConfig`, :class:`FoundationModel`, :func:`build_model`,
 """
 
 from .backbones import BACKBONES, BackboneSpec, RoleMap, get_backbone
+from .bundled_models import DEFAULT_MODEL
 from .checkpoint import (
     MODELS,
     LoadReport,
@@ -17,7 +18,6 @@ from .checkpoint import (
     safe_torch_load,
     save_model,
 )
-from .bundled_models import DEFAULT_MODEL
 from .config import ModelConfig
 from .foundation import FoundationModel, build_model
 from .keymaps import LAYOUTS

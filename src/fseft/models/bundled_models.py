@@ -22,7 +22,7 @@ DEFAULT_MODEL = "unet-small.synth"
 def recipe(name: str) -> dict[str, Any]:
     """The recorded recipe (command, seed, data) of bundled model ``name`` ({} when none)."""
     path = BUNDLED_DIR / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def register_bundled() -> list[str]:

@@ -97,7 +97,7 @@ def build_report(
 
 def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
             columns = reader.fieldnames or []
@@ -123,7 +123,7 @@ def _evaluation_meta(path: Path, per_case: list[dict[str, str]]) -> list[tuple[s
             ("structures", str(len({r["structure"] for r in per_case})))]  # fmt: skip
     if path.is_file():
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(f"{path}: not a readable JSON file ({e})") from None
         for key, label in (

@@ -64,7 +64,7 @@ def test_adapt_writes_adapter_and_record(workspace, tmp_path, capsys):
     out = tmp_path / "out" / "probe.safetensors"
     assert main(args(workspace, out, "--method", "linear-probe", "--val-case", "case3")) == 0
     summary = capsys.readouterr().out
-    record = json.loads((tmp_path / "out" / "probe.record.json").read_text())
+    record = json.loads((tmp_path / "out" / "probe.record.json").read_text(encoding="utf-8"))
     assert record["method"] == "linear-probe" and record["k"] == 2 and record["epochs_run"] == 2
     assert len(record["support_case_ids"]) == 2 and "case3" not in record["support_case_ids"]
     assert record["validation_case_id"] == "case3" and record["path"] == "cached"
@@ -89,7 +89,7 @@ def test_adapt_writes_adapter_and_record(workspace, tmp_path, capsys):
 def test_adapt_no_cache_features_takes_the_naive_path(workspace, tmp_path):
     out = tmp_path / "naive.safetensors"
     assert main(args(workspace, out, "--method", "linear-probe", "--no-cache-features", "--epochs", "1")) == 0
-    assert json.loads((tmp_path / "naive.record.json").read_text())["path"] == "naive"
+    assert json.loads((tmp_path / "naive.record.json").read_text(encoding="utf-8"))["path"] == "naive"
 
 
 @pytest.mark.parametrize(

@@ -214,7 +214,7 @@ def test_unknown_template_lists_valid_names() -> None:
 
 
 def test_totalsegmentator_v2_names_resolve(abdomen_dir: Path) -> None:
-    classes = json.loads((abdomen_dir / "totalsegmentator_v2_classes.json").read_text())
+    classes = json.loads((abdomen_dir / "totalsegmentator_v2_classes.json").read_text(encoding="utf-8"))
     assert all(canonical(n) == n for n in classes.values())
     labelmap = get_template("totalsegmentator-v2-labelmap")
     assert {int(k): v for k, v in classes.items()} == dict(labelmap.labels)

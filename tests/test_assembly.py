@@ -52,7 +52,7 @@ def test_partition_is_validated(tmp_path: Path) -> None:
 
 
 def test_shipped_openkbp_recipe_has_disjoint_partial_sources(openkbp_dir: Path, tmp_path: Path) -> None:
-    text = (PROTOCOLS / "openkbp_assembly.yaml").read_text()
+    text = (PROTOCOLS / "openkbp_assembly.yaml").read_text(encoding="utf-8")
     recipe = tmp_path / "openkbp_assembly.yaml"
     recipe.write_text(text.replace("manifest: cases.csv", f"manifest: {openkbp_dir / 'cases.csv'}"))
     assembly = resolve_assembly(load_assembly(recipe))

@@ -249,7 +249,7 @@ def test_outputs_and_tables(reference):
         "hd95_mm",
         "nsd",
     } <= set(rows[0])
-    table = (reference / "results.md").read_text()
+    table = (reference / "results.md").read_text(encoding="utf-8")
     assert "| method | k=1 | k=2 | trainable params | adapter size | peak memory | adapt time |" in table
     # mean over the query cases per seed, then mean ± std over seeds
     lp = [c for c in cells if c["cell"]["label"] == "linear-probe" and c["cell"]["k"] == 2]
@@ -258,7 +258,7 @@ def test_outputs_and_tables(reference):
     assert line.split(" | ")[2] == f"{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f}"
     zero = next(x for x in table.splitlines() if x.startswith("| zero-shot |")).split(" | ")
     assert zero[1] == zero[2]  # one zero-shot result shown under every k
-    assert "Dice against support size" in (reference / "report.html").read_text()
+    assert "Dice against support size" in (reference / "report.html").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
@@ -315,7 +315,7 @@ def test_shards_merge_to_the_unsharded_result(workspace, reference, tmp_path):
     assert len(list((merged / "adapters").glob("*.safetensors"))) == 4
     # a cell computed under another configuration is refused, not mixed in
     cell = next((tmp_path / "shard1" / "cells").glob("*.json"))
-    data = json.loads(cell.read_text())
+    data = json.loads(cell.read_text(encoding="utf-8"))
     data["config_hash"] = "0" * 16
     cell.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="computed under a different configuration"):

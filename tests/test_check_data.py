@@ -75,7 +75,7 @@ def check_one_problem(
     code, text = run_cli(capsys, str(manifest(tmp_path, [good_row(tmp_path), row])), "--json", str(report))
     assert code == 1
     assert str(named) in text and "failed" in text
-    problems = json.loads(report.read_text())["problems"]
+    problems = json.loads(report.read_text(encoding="utf-8"))["problems"]
     errors = [p for p in problems if p["severity"] == "error"]
     assert [p["case_id"] for p in errors] == [row["case_id"]]
     assert errors[0]["path"] == str(named) and words in errors[0]["message"]
@@ -191,7 +191,7 @@ def test_template_override_applies_to_every_label(tmp_path: Path, capsys: pytest
     code, text = run_cli(
         capsys, str(manifest(tmp_path, rows)), "--template", "openkbp-ptv", "--json", str(report)
     )
-    assert code == 1 and "label value(s) 5 unknown to template 'openkbp-ptv'" in report.read_text()
+    assert code == 1 and "label value(s) 5 unknown to template 'openkbp-ptv'" in report.read_text(encoding="utf-8")
 
 
 def test_warnings_pass_unless_strict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,7 +209,7 @@ def test_warnings_pass_unless_strict(tmp_path: Path, capsys: pytest.CaptureFixtu
     report = tmp_path / "report.json"
     code, text = run_cli(capsys, str(manifest(tmp_path, rows)), "--json", str(report))
     assert code == 0 and "passed" in text
-    problems = json.loads(report.read_text())["problems"]
+    problems = json.loads(report.read_text(encoding="utf-8"))["problems"]
     messages = {p["message"].split(" (")[0].split(" [")[0]: p["path"] for p in problems}
     assert all(p["severity"] == "warning" for p in problems) and len(problems) == 3
     assert messages["implausible CT intensities"] == rows[0]["image"]
@@ -260,7 +260,7 @@ def test_abdominal_datasets_pass(
     report = tmp_path / "report.json"
     code, text = run_cli(capsys, str(path), "--json", str(report))
     assert code == 0
-    [warning] = json.loads(report.read_text())["problems"]
+    [warning] = json.loads(report.read_text(encoding="utf-8"))["problems"]
     assert warning["case_id"] == "ts_dicom_slab" and "resampled" in warning["message"]  # y flipped vs DICOM
 
     # chest_abdomen: its own ids (structures.csv) as a user template registered through the anatomy API
@@ -287,6 +287,6 @@ def test_mask_folder_problems_name_each_mask_file(tmp_path: Path, capsys: pytest
     spleen_path.write_bytes(spleen_path.read_bytes()[:40])
     report = tmp_path / "report.json"
     code, _ = run_cli(capsys, str(tmp_path / "ts"), "--json", str(report))
-    errors = {p["path"]: p["message"] for p in json.loads(report.read_text())["problems"]}
+    errors = {p["path"]: p["message"] for p in json.loads(report.read_text(encoding="utf-8"))["problems"]}
     assert code == 1 and set(errors) == {str(liver_path), str(spleen_path)}
     assert "label value(s) 2 unknown to template 'totalsegmentator'" in errors[str(liver_path)]

@@ -48,7 +48,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path: Path) -> None:
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     # different initialisations per rank: DDP broadcasts rank 0's, and the updates stay in sync
     assert ranks[0]["hash"] == ranks[1]["hash"]
@@ -56,6 +56,6 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path: Path) -> None:
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["step"] == 4 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each rank its own
-    lines = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    lines = (tmp_path / "run" / "train_log.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # written once, by rank 0
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "train_log.jsonl"]

@@ -39,7 +39,7 @@ def test_quick_demo_plans_on_generated_synthetic_data(tmp_path):
                       preprocess=PreprocessConfig(spacing=(8.0, 8.0, 8.0), roi=(32, 32, 32)))  # fmt: skip
     model = save_model(build_model(cfg), tmp_path / "tiny.pt")
     p = plan(demo_protocol(quick=True), out=tmp_path / "demo", model=str(model))
-    info = json.loads((tmp_path / "demo" / "data" / "synth.json").read_text())
+    info = json.loads((tmp_path / "demo" / "data" / "synth.json").read_text(encoding="utf-8"))
     assert info["preset"] == "tiny" and info["cases"] == QUICK_CASES
     liver = p.task("liver")
     # the target-site cases, in case-id order: the last 2 are queries, the others the support pool

@@ -84,7 +84,7 @@ def test_folders_write_per_case_summary_and_json(folders, tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, pred, gt, "--labels", GT_LABELS, "--tolerance-mm", "1.5", "--out", out)
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == sorted([PER_CASE, SUMMARY, JSON_OUT])
-    assert (out / PER_CASE).read_text().splitlines()[0] == HEADER
+    assert (out / PER_CASE).read_text(encoding="utf-8").splitlines()[0] == HEADER
     rows = read_csv(out / PER_CASE)
     assert [(r["case"], r["structure"]) for r in rows] == [
         ("c1", "liver"), ("c1", "spleen"), ("c2", "liver"), ("c2", "spleen"),
@@ -108,7 +108,7 @@ def test_folders_write_per_case_summary_and_json(folders, tmp_path, capsys):
     assert (summary[("spleen", "hd95_mm")]["n"], summary[("spleen", "hd95_mm")]["n_nan"]) == ("1", "1")
     assert float(summary[("spleen", "dice")]["mean"]) == pytest.approx(0.5)
 
-    doc = json.loads((out / JSON_OUT).read_text())
+    doc = json.loads((out / JSON_OUT).read_text(encoding="utf-8"))
     assert doc["tolerance_mm"] == 1.5
     assert doc["unmatched_predictions"] == ["only_pred"] and doc["unmatched_references"] == ["only_gt"]
     assert len(doc["cases"]) == 4 and doc["cases"][3]["hd95_mm"] is None
@@ -203,9 +203,9 @@ def test_existing_output_needs_overwrite(folders, tmp_path, capsys):
     (out / SUMMARY).write_text("old")
     code, _, err = run_cli(capsys, pred, gt, "--labels", GT_LABELS, "--out", out)
     assert code == 2 and str(out / SUMMARY) in err and "--overwrite" in err
-    assert sorted(p.name for p in out.iterdir()) == [SUMMARY] and (out / SUMMARY).read_text() == "old"
+    assert sorted(p.name for p in out.iterdir()) == [SUMMARY] and (out / SUMMARY).read_text(encoding="utf-8") == "old"
     code, _, _ = run_cli(capsys, pred, gt, "--labels", GT_LABELS, "--out", out, "--overwrite")
-    assert code == 0 and (out / SUMMARY).read_text().startswith("structure,metric")
+    assert code == 0 and (out / SUMMARY).read_text(encoding="utf-8").startswith("structure,metric")
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 

@@ -104,7 +104,7 @@ def test_csv_round_trip(csv_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "elsewhere" / "manifest.csv"
     out.parent.mkdir()
     write_manifest_csv(cases, out)
-    assert "../img/a.nii.gz" in out.read_text()  # relative to the written CSV's folder
+    assert "../img/a.nii.gz" in out.read_text(encoding="utf-8")  # relative to the written CSV's folder
     again = load_manifest(out)
     assert again == cases
     assert [c.meta for c in again] == [c.meta for c in cases]

@@ -222,14 +222,14 @@ def test_cli_writes_labelmap_and_labels_json_that_evaluate_reads(
     written = nib.load(out / "case1.nii.gz")
     assert written.shape == obj.shape and np.allclose(written.affine, AFFINE, atol=1e-4)
     assert written.get_data_dtype() == np.uint8
-    assert json.loads((out / "labels.json").read_text()) == {"1": "liver"}
+    assert json.loads((out / "labels.json").read_text(encoding="utf-8")) == {"1": "liver"}
     assert read_labels_json(out / "labels.json") == {1: "liver"}
     assert dice(np.asarray(written.dataobj) == 1, obj) > 0.95
     gt = tmp_path / "gt"
     write_image(Image(obj.astype(np.uint8), AFFINE), gt / "case1.nii.gz")
     (gt / "labels.json").write_text('{"1": "liver"}')
     assert run_cli("evaluate", out, gt, "--out", tmp_path / "metrics") == 0
-    rows = (tmp_path / "metrics" / "metrics_per_case.csv").read_text().splitlines()
+    rows = (tmp_path / "metrics" / "metrics_per_case.csv").read_text(encoding="utf-8").splitlines()
     assert rows[1].startswith("case1,liver,") and float(rows[1].split(",")[2]) > 0.95
 
 
@@ -344,4 +344,4 @@ def test_real_ct_and_dicom_come_back_on_their_own_grid(abdomen_dir: Path, tmp_pa
     direct = predict_image(tiny_model(), read_image(dicom), config=PredictConfig(device="cpu", overlap=0.0))
     assert np.array_equal(direct.label.affine, read_image(dicom).affine)
     assert np.array_equal(direct.label.array, read_image(out / "dicom.nii.gz", dtype=None).array)
-    assert json.loads((out / "labels.json").read_text()) == {"1": "liver", "2": "spleen"}
+    assert json.loads((out / "labels.json").read_text(encoding="utf-8")) == {"1": "liver", "2": "spleen"}

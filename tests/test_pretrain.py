@@ -324,7 +324,7 @@ def test_cli_resume_after_sigkill_matches_uninterrupted_run(synth_manifest: Path
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
     steps_logged = [
-        json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()
+        json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text(encoding="utf-8").splitlines()
     ]
     assert steps_logged == list(range(1, steps + 1))
 

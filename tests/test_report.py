@@ -88,7 +88,7 @@ def test_report_is_self_contained_and_complete(evaluated: Path) -> None:
     out = root / "report.html"
     assert main(["report", "--eval", str(root / "eval"), "--images", str(root / "images"),
                  "--benchmark", str(root / "bench.csv"), "--out", str(out)]) == 0  # fmt: skip
-    page = out.read_text()
+    page = out.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>")
     assert not re.search(r"(src|href)=[\"'](?!data:)", page)  # nothing loaded from elsewhere
     assert "<script" not in page and "<link" not in page and "http" not in page.replace("http-equiv", "")
@@ -109,11 +109,11 @@ def test_overwrite_rule_and_bad_inputs(evaluated: Path, capsys) -> None:
     root = evaluated
     out = root / "report.html"
     assert main(["report", "--eval", str(root / "eval"), "--max-cases", "0", "--out", str(out)]) == 0
-    before = out.read_text()
+    before = out.read_text(encoding="utf-8")
     capsys.readouterr()
     assert main(["report", "--eval", str(root / "eval"), "--out", str(out)]) == 2
     assert "report.html: already exists; pass --overwrite" in capsys.readouterr().err
-    assert out.read_text() == before
+    assert out.read_text(encoding="utf-8") == before
     with pytest.raises(ConfigError, match="nothing to report"):
         build_report(out=root / "empty.html")
     bad = root / "bad.csv"

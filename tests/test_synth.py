@@ -144,7 +144,7 @@ def test_manifest_round_trips(tiny):
 
 
 def test_info_file_and_montage(tiny):
-    info = json.loads(tiny.info.read_text())
+    info = json.loads(tiny.info.read_text(encoding="utf-8"))
     assert info["seed"] == 3 and info["preset"] == "tiny" and info["version"]
     assert info["novel_structures"] == list(tiny.novel_structures)
     assert [s["name"] for s in info["sites"]] == ["a", "b", "c", "t"]

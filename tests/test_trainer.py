@@ -259,7 +259,7 @@ def test_adapt_api_end_to_end_records_the_run(base, tmp_path, monkeypatch):
     assert record.base_fingerprint == base.fingerprint() and record.peak_memory_bytes > 0
     assert record.wall_time_s >= record.train_time_s + record.feature_time_s > 0
     assert record.train_config["num_samples"] == 2 and record.method_config["decoder"] == "frozen"
-    saved = AdaptRecord.from_dict(json.loads(record.save(tmp_path / "r.json").read_text()))
+    saved = AdaptRecord.from_dict(json.loads(record.save(tmp_path / "r.json").read_text(encoding="utf-8")))
     assert saved == record
     _, naive = adapt(
         base,

@@ -139,7 +139,14 @@ def test_import_reads_no_data_files() -> None:
         "a.get_template('btcv')\n"
         "print(structures._index.cache_info().currsize, catalog._registry.cache_info().currsize)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        check=True,
+    ).stdout
     assert out.split() == ["0", "0", "1", "1"]
 
 

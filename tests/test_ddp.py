@@ -46,7 +46,9 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path: Path) -> None:
         str(script),
         str(tmp_path),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2

@@ -203,7 +203,10 @@ def test_existing_output_needs_overwrite(folders, tmp_path, capsys):
     (out / SUMMARY).write_text("old")
     code, _, err = run_cli(capsys, pred, gt, "--labels", GT_LABELS, "--out", out)
     assert code == 2 and str(out / SUMMARY) in err and "--overwrite" in err
-    assert sorted(p.name for p in out.iterdir()) == [SUMMARY] and (out / SUMMARY).read_text(encoding="utf-8") == "old"
+    assert (
+        sorted(p.name for p in out.iterdir()) == [SUMMARY]
+        and (out / SUMMARY).read_text(encoding="utf-8") == "old"
+    )
     code, _, _ = run_cli(capsys, pred, gt, "--labels", GT_LABELS, "--out", out, "--overwrite")
     assert code == 0 and (out / SUMMARY).read_text(encoding="utf-8").startswith("structure,metric")
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
@@ -240,7 +243,7 @@ def test_entry_point_exit_code_and_message(folders, tmp_path):
     pred, gt = folders
     result = subprocess.run(
         [sys.executable, "-m", "fseft", "evaluate", str(pred), str(gt), "--labels", GT_LABELS, "--structures", "kidney"],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", check=False,
     )  # fmt: skip
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "kidney" in result.stderr

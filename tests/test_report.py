@@ -148,13 +148,13 @@ def test_report_renders_in_headless_chromium(evaluated: Path, tmp_path: Path) ->
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]  # fmt: skip
     run = subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,2000", out.resolve().as_uri()],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     errors = [ln for ln in run.stderr.splitlines() if "Uncaught" in ln or ("CONSOLE" in ln and "ERROR" in ln)]
     assert not errors, errors
     pixels = np.asarray(PILImage.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (2000, 1280) and pixels.std() > 20
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", out.resolve().as_uri()],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)  # fmt: skip
     assert "Benchmark: Dice against support size" in dom.stdout
     assert dom.stdout.count("<img") == 4

@@ -112,6 +112,7 @@ def test_shipped_protocols_parse():
         ({"methods": [{"method": "lora", "transductive": True}]}, "transductive inference needs a black-box"),
         ({"tasks": [{"name": "x", "structures": ["pancreaz"]}]}, "tasks[0]: unknown structure 'pancreaz'"),
         ({"k": [0, 1]}, "k: support sizes must be distinct integers >= 1"),
+        ({"tasks": [{"name": "x", "structures": ["liver"], "k": [2, 2]}]}, "task x: k: support sizes must be"),
         ({"metrics": ["dice", "iou"]}, "metrics: unknown ['iou']"),
         ({"train": {"max_epoch": 3}}, "train: unknown AdaptTrainConfig option"),
         ({"method": []}, "unknown field(s) ['method']"),
@@ -162,6 +163,17 @@ def test_plan_split_and_cells(workspace, tmp_path):
     assert sorted(c.cell_id for c in halves) == sorted(c.cell_id for c in p.cells)
     with pytest.raises(ConfigError, match="--shard must be 'i/n'"):
         shard(p.cells, "3/2")
+
+
+def test_task_support_sizes_replace_the_protocols(workspace, tmp_path):
+    task = {"name": "pancreas", "group": "base", "structures": ["pancreas"], "k": [3]}
+    protocol = load_protocol(write_protocol(tmp_path, protocol_dict(k=[1, 9], tasks=[task])))
+    p = plan(protocol, data_root=workspace["root"], model=str(workspace["model"]))
+    assert {c.k for c in p.cells} == {3}  # even zero-shot takes the task's smallest k
+    task["k"] = [1, 5]
+    with pytest.raises(ConfigError, match=r"k=5 is larger than the support pool \(4 of 4"):
+        plan(load_protocol(write_protocol(tmp_path, protocol_dict(tasks=[task]))), data_root=workspace["root"],
+             model=str(workspace["model"]))  # fmt: skip
 
 
 # --- fake TotalSegmentator / FLARE22 trees -----------------------------------------------------

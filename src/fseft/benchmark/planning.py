@@ -333,7 +333,7 @@ def _task_cases(
         raise DataError(
             f"{where}: none of the {len(queries)} query cases annotates {', '.join(spec.structures)}"
         )
-    largest = max(protocol.k)
+    largest = max(spec.support_sizes(protocol.k))
     if largest > len(eligible):
         raise ConfigError(
             f"{where}: k={largest} is larger than the support pool ({len(eligible)} of {len(pool)} cases "
@@ -395,10 +395,11 @@ def _cells(protocol: Protocol, tasks: Sequence[TaskCases]) -> list[Cell]:
         for mi, spec in enumerate(protocol.methods):
             if spec.groups is not None and task.spec.group not in spec.groups:
                 continue
-            sizes = [(k, False) for k in protocol.k]
+            ks = task.spec.support_sizes(protocol.k)
+            sizes = [(k, False) for k in ks]
             if get_method(spec.method).paper_lr is None:  # trains nothing: one cell stands for every k
-                sizes = [(min(protocol.k), False)]
-            elif spec.all_train and len(task.pool) not in protocol.k:
+                sizes = [(min(ks), False)]
+            elif spec.all_train and len(task.pool) not in ks:
                 sizes.append((len(task.pool), True))
             for k, everything in sizes:
                 for seed in protocol.seeds:

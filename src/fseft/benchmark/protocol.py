@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -127,6 +128,13 @@ class DataSpec:
             raise ConfigError(f"query_fraction must be in (0, 1), got {self.query_fraction}")
 
 
+def _check_sizes(sizes: Sequence[int], where: str) -> None:
+    if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in sizes) or len(set(sizes)) != len(
+        sizes
+    ):
+        raise ConfigError(f"{where}: support sizes must be distinct integers >= 1, got {list(sizes)}")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One few-shot task.
@@ -141,6 +149,8 @@ class TaskSpec:
         query: Query manifest of this task.
         support_cases: Case ids of the support pool (among the protocol's cases).
         query_cases: Case ids of the queries.
+        k: Support sizes of this task, replacing the protocol's (a structure annotated in few pool
+            cases, for example).
     """
 
     name: str
@@ -151,6 +161,7 @@ class TaskSpec:
     query: str | None = None
     support_cases: tuple[str, ...] | None = None
     query_cases: tuple[str, ...] | None = None
+    k: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         from ..adapt.trainer import TASKS
@@ -163,6 +174,15 @@ class TaskSpec:
         object.__setattr__(self, "structures", tuple(canonical(s) for s in self.structures))
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.k is not None:
+            if isinstance(self.k, int | str) or not self.k:
+                raise ConfigError(f"task {self.name}: k must be a non-empty list of support sizes")
+            object.__setattr__(self, "k", tuple(self.k))
+            _check_sizes(self.k, f"task {self.name}: k")
+
+    def support_sizes(self, default: Sequence[int]) -> tuple[int, ...]:
+        """This task's support sizes: its own ``k`` when given, else the protocol's."""
+        return tuple(default) if self.k is None else self.k
 
 
 @dataclass(frozen=True)
@@ -362,8 +382,7 @@ def validate(protocol: Protocol) -> None:
         raise ConfigError(
             f"{w}: tasks: duplicate task names {sorted({n for n in names if names.count(n) > 1})}"
         )
-    if any(not isinstance(k, int) or k < 1 for k in protocol.k) or len(set(protocol.k)) != len(protocol.k):
-        raise ConfigError(f"{w}: k: support sizes must be distinct integers >= 1, got {list(protocol.k)}")
+    _check_sizes(protocol.k, f"{w}: k")
     if any(not isinstance(s, int) for s in protocol.seeds) or len(set(protocol.seeds)) != len(protocol.seeds):
         raise ConfigError(f"{w}: seeds: must be distinct integers, got {list(protocol.seeds)}")
     bad = [m for m in protocol.metrics if m not in METRICS]

@@ -336,3 +336,24 @@ def test_batch_constraint_is_a_no_op_inside_the_band_and_pulls_otherwise(base):
     reports = tight.reports()
     assert [r.query for r in reports] == ["q7", "q8"] and reports[0].steps == 3
     assert all(r.after[0] < r.before[0] for r in reports)  # pushed towards the (tiny) prior
+
+
+def test_batch_constraint_starts_at_the_supervised_plateau_and_gets_its_own_phase(base):
+    torch.manual_seed(0)
+    adapted = apply_method(base, "linear-probe", ["liver"])
+    # min_delta this large: the plateau rule fires as soon as it can, at epoch 2 of each phase
+    cfg = AdaptTrainConfig(
+        max_epochs=8, num_samples=2, es_window=1, es_patience=1, es_min_delta=1e9, device="cpu"
+    )
+    tx = TransductiveConfig(warmup_epochs=1000, lam=1.0, pool=1)
+    queries = query_features(adapted, [torch.from_numpy(spheres(7)[0])[None]], ["q7"], tx)
+    priors = (SizePrior("liver", 1e-4, 1.0, 1.0, 1, (1e-4,), (True,)),)
+    plain = fit(
+        apply_method(base, "linear-probe", ["liver"]), [support(1)], cfg, lr=0.05, seed=0, path="cached"
+    )
+    assert plain.epochs_run == 2 and plain.stop_reason == "plateau"
+    with BatchConstraint(adapted, queries, priors, tx) as steps:
+        result = fit(adapted, [support(1)], cfg, lr=0.05, seed=0, path="cached", progress=steps.wrap(None))
+    # supervised plateau at epoch 2 starts the constraint; the restarted rule fires again at epoch 4
+    assert result.epochs_run == 4 and result.stop_reason == "plateau"
+    assert steps.computed == 3 and steps.applied == 2  # epochs 2, 3, 4; the last one is never applied

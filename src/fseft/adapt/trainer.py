@@ -121,6 +121,8 @@ class EpochReport:
         loss: Mean training loss of the epoch (``nan`` while caching).
         val_loss: Validation loss of the epoch, if a validation case is used.
         elapsed_s: Seconds since the stage started.
+        plateau: The early-stopping rule fired at this epoch: training stops after the callback,
+            unless the callback returns True to start a new training phase (the rule then restarts).
     """
 
     stage: str
@@ -129,9 +131,11 @@ class EpochReport:
     loss: float = float("nan")
     val_loss: float | None = None
     elapsed_s: float = 0.0
+    plateau: bool = False
 
 
-Progress = Callable[[EpochReport], None]
+#: Called after each epoch; returning True restarts early stopping (a new phase of training begins).
+Progress = Callable[[EpochReport], "bool | None"]
 
 
 @dataclass
@@ -358,18 +362,27 @@ def _epochs(
             val_loss = validation_loss(adapted, validation, task, cfg, device, cache, k)
             result.val_loss_curve.append(val_loss)
         result.train_time_s = time.perf_counter() - start
-        if progress is not None:
-            progress(
-                EpochReport(
-                    "train", epoch + 1, cfg.max_epochs, result.loss_curve[-1], val_loss, result.train_time_s
-                )
-            )
         watched = val_loss if monitor == "val" and val_loss is not None else result.loss_curve[-1]
-        if not np.isfinite(watched):
+        finite = bool(np.isfinite(watched))
+        plateau = stopper.update(watched) and cfg.early_stopping and finite
+        if progress is not None:
+            report = EpochReport(
+                "train",
+                epoch + 1,
+                cfg.max_epochs,
+                result.loss_curve[-1],
+                val_loss,
+                result.train_time_s,
+                plateau,
+            )
+            if progress(report) is True:  # a new phase: the plateau rule starts over
+                stopper = PlateauStopper(cfg.es_window, cfg.es_patience, cfg.es_min_delta)
+                plateau = False
+        if not finite:
             result.stop_reason = "non-finite-loss"
             logger.warning("adaptation stopped at epoch %d: the loss is not finite", epoch + 1)
             return
-        if stopper.update(watched) and cfg.early_stopping:
+        if plateau:
             result.stop_reason = "val-plateau" if monitor == "val" else "plateau"
             return
     result.stop_reason = "max-epochs"

@@ -1,7 +1,8 @@
 """Batch-mode constrained transductive adaptation: the size constraint on all query volumes,
 combined with the supervised Dice loss during few-shot training (see :mod:`fseft.adapt.transductive`).
 
-After ``warmup_epochs`` supervised epochs, once per epoch, the gradient of
+After ``warmup_epochs`` supervised epochs (or earlier, at the epoch where the supervised loss
+plateaus: early stopping then restarts for the constrained phase), once per epoch, the gradient of
 ``lam * mean_{query, structure} penalty`` is added to the next supervised Dice step, so that step
 minimises ``Dice + lam * penalty`` with the trainer's own AdamW optimiser and schedule (the paper's
 reference code also shares its optimiser between the two losses). The trainer runs unchanged: the
@@ -47,7 +48,9 @@ logger = logging.getLogger(__name__)
 class BatchConstraint:
     """Batch-mode constraint steps during supervised training, through the trainer's progress callback.
 
-    After every training epoch from ``cfg.warmup_epochs`` on, the gradient of
+    After every training epoch from ``cfg.warmup_epochs`` on, or from the first epoch where the
+    supervised loss plateaus (the trainer's early stopping then restarts, so the constrained phase is
+    not cut short by the supervised plateau), the gradient of
     ``lam * mean_{query, structure} penalty`` is computed (query by query, so memory holds one query
     at a time) and added, by parameter gradient hooks, to the gradient of the next supervised step:
     that step minimises ``Dice + lam * penalty`` with the trainer's optimiser and learning rate. The
@@ -79,6 +82,7 @@ class BatchConstraint:
         self.cfg = cfg
         self.params = [p for p in adapted.parameters() if p.requires_grad]
         self.pending: list[torch.Tensor | None] = [None] * len(self.params)
+        self.started = False
         self.computed = 0
         self.applied = 0
         self.before: list[list[float]] = []
@@ -109,11 +113,16 @@ class BatchConstraint:
     def wrap(self, progress: Progress | None) -> Progress:
         """A progress callback that takes the constraint step, then calls ``progress``."""
 
-        def callback(report: EpochReport) -> None:
-            if report.stage == "train" and report.epoch >= self.cfg.warmup_epochs:
+        def callback(report: EpochReport) -> bool:
+            restart = False
+            if report.stage == "train" and not self.started:
+                self.started = report.epoch >= self.cfg.warmup_epochs or report.plateau
+                restart = self.started and report.plateau
+            if report.stage == "train" and self.started:
                 self.step()
             if progress is not None:
                 progress(report)
+            return restart
 
         return callback
 
@@ -289,8 +298,8 @@ def adapt_transductive(
     record.feature_time_s += result.feature_time_s
     if tx.mode == "batch" and result.constraint_steps == 0:
         logger.warning(
-            "training stopped after %d epoch(s), before any constraint step (warm-up %d epochs)",
-            record.epochs_run, tx.warmup_epochs,
+            "training stopped after %d epoch(s), before any constraint step (warm-up %d epochs, "
+            "or the first plateau)", record.epochs_run, tx.warmup_epochs,
         )  # fmt: skip
     return adapted, record, result
 

@@ -115,11 +115,11 @@ class BatchConstraint:
 
         def callback(report: EpochReport) -> bool:
             restart = False
-            if report.stage == "train" and not self.started:
-                self.started = report.epoch >= self.cfg.warmup_epochs or report.plateau
-                restart = self.started and report.plateau
-            if report.stage == "train" and self.started:
-                self.step()
+            if report.stage == "train":
+                if not self.started and (report.epoch >= self.cfg.warmup_epochs or report.plateau):
+                    self.started, restart = True, report.plateau
+                if self.started:
+                    self.step()
             if progress is not None:
                 progress(report)
             return restart

@@ -130,3 +130,28 @@ def test_existing_output_is_not_overwritten(workspace, tmp_path, capsys):
     out.write_bytes(b"keep")
     assert main(args(workspace, out)) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep"
+
+
+def test_transductive_adapt_then_per_query_predict(workspace, tmp_path, capsys):
+    """The size prior learnt by 'adapt --transductive' drives 'predict --transductive' on each input."""
+    from fseft.data.io import read_image
+
+    adapter = tmp_path / "tx.safetensors"
+    argv = args(workspace, adapter, "--method", "linear-probe", "--transductive", str(workspace["manifest"]),
+                "--tx-warmup", "1")  # fmt: skip
+    assert main(argv) == 0
+    header = read_adapter_header(adapter)
+    assert header["record"]["size_priors"][0]["structure"] == "pancreas"
+    capsys.readouterr()
+    image = workspace["root"] / "img3.nii.gz"
+    predict = ["predict", str(image), "--model", str(workspace["model"]), "--adapter", str(adapter),
+               "--out", str(tmp_path / "preds"), "--device", "cpu", "--transductive"]  # fmt: skip
+    assert main([*predict, "--constraint", "log-barrier"]) == 0
+    report = capsys.readouterr().err
+    assert "transductive img3" in report and "prior" in report and "steps" in report
+    (written,) = [p for p in (tmp_path / "preds").iterdir() if p.name.endswith(".nii.gz")]
+    assert read_image(written).shape == read_image(image).shape
+    # the constraint choice without --transductive is refused with one line
+    assert main(predict[:-1] + ["--constraint", "hinge", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--constraint needs --transductive" in err[0]

@@ -91,8 +91,8 @@ def test_shipped_protocols_parse():
         "zero-shot",
         "linear-probe",
         "spatial-adapter",
-        "lora",
-        "full-ft",
+        "lora (lr 1e-2)",
+        "full-ft (lr 3e-3)",
     ]
     assert demo.k == (1, 5) and demo.seeds == (0,) and demo.groups() == ["base", "novel"]
     synthetic = load_protocol("synthetic")
@@ -238,6 +238,21 @@ def reference(workspace, tmp_path_factory) -> Path:
     path = write_protocol(out, protocol_dict())
     run_benchmark(path, out, data_root=workspace["root"], model=str(workspace["model"]))
     return out
+
+
+def test_per_query_transductive_cell_refines_each_query(workspace, tmp_path):
+    """A per-query row refines the adapter on every query before predicting it, and records it."""
+    tx = {"mode": "per-query", "constraint": "log-barrier", "steps": 3}
+    data = protocol_dict(methods=[{"method": "linear-probe", "transductive": True, "transductive_options": tx}],
+                         k=[1], seeds=[0])  # fmt: skip
+    result = run_benchmark(write_protocol(tmp_path, data), tmp_path / "out", data_root=workspace["root"],
+                           model=str(workspace["model"]))  # fmt: skip
+    (cell,) = result.cells
+    assert cell["cell"]["label"] == "linear-probe +TI per-query log-barrier"
+    queries = cell["record"]["transductive"]["queries"]
+    assert [q["query"] for q in queries] == ["case4", "case5"]
+    assert all(q["steps"] == 3 and q["before"] != q["after"] for q in queries)
+    assert {m["case"] for m in cell["metrics"]} == {"case4", "case5"}
 
 
 @pytest.mark.slow

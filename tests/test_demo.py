@@ -26,6 +26,9 @@ def test_demo_protocol_is_the_readme_job():
         "full-ft",
     ]
     assert protocol.k == (1, 5) and protocol.seeds == (0,)
+    # raised learning rates for the short budget, shown in the row labels and given to the methods
+    lrs = {m.row_label: m.method_config().lr for m in protocol.methods}
+    assert lrs["lora (lr 1e-2)"] == 1e-2 and lrs["full-ft (lr 3e-3)"] == 3e-3 and lrs["linear-probe"] is None
     assert [(t.name, t.group) for t in protocol.tasks] == [("liver", "base"), ("duodenum", "novel")]
     assert protocol.data.source == "synth" and protocol.data.synth_preset == "default"
     quick = demo_protocol(quick=True)
@@ -47,9 +50,9 @@ def test_quick_demo_plans_on_generated_synthetic_data(tmp_path):
     assert [c.case_id for c in liver.queries] == ["synth_t_002", "synth_t_003"]
     # zero-shot runs on the base task only; one cell per (task, method) at k = 1
     assert [(c.task, c.label) for c in p.cells] == [
-        ("liver", "zero-shot"), ("liver", "linear-probe"), ("liver", "spatial-adapter"), ("liver", "lora"),
-        ("liver", "full-ft"), ("duodenum", "linear-probe"), ("duodenum", "spatial-adapter"),
-        ("duodenum", "lora"), ("duodenum", "full-ft"),
+        ("liver", "zero-shot"), ("liver", "linear-probe"), ("liver", "spatial-adapter"), ("liver", "lora (lr 1e-2)"),
+        ("liver", "full-ft (lr 3e-3)"), ("duodenum", "linear-probe"), ("duodenum", "spatial-adapter"),
+        ("duodenum", "lora (lr 1e-2)"), ("duodenum", "full-ft (lr 3e-3)"),
     ]  # fmt: skip
 
 

@@ -192,7 +192,8 @@ class MethodSpec:
     Args:
         method: Registered method name (``fseft methods``).
         label: Row label (default: the method, plus its decoder policy when not frozen, plus
-            ``+TI`` when transductive).
+            ``+TI`` when transductive, followed by the mode and constraint when they are not the
+            defaults, e.g. ``spatial-adapter +TI per-query log-barrier``).
         decoder: Decoder policy (None: the method's default).
         bottleneck: Bottleneck policy (None: the method's default).
         options: Further fields of the method's config (e.g. ``rank`` for lora).
@@ -243,7 +244,11 @@ class MethodSpec:
         decoder = self.method_config().decoder
         default = get_method(self.method).config_cls().decoder
         text = self.method if decoder == default else f"{self.method} (decoder {decoder})"
-        return f"{text} +TI" if self.transductive else text
+        if not self.transductive:
+            return text
+        tx = self.transductive_config()
+        variants = [v for v, paper in ((tx.mode, "batch"), (tx.constraint, "hinge")) if v != paper]
+        return " ".join([text, "+TI", *variants])
 
 
 @dataclass(frozen=True)

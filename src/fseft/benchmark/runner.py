@@ -10,6 +10,7 @@ subsets of the same grid writing to the same kind of files; their folders merge 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -177,18 +178,25 @@ def run_cell(
     options = dict(k=cell.k, seed=cell.seed, method=spec.method, task=task.spec.task,
                    method_config=spec.method_config(), train_config=protocol.train_config(), progress=on_epoch)  # fmt: skip
     extra: dict[str, Any] = {}
+    refiner = None
     if spec.transductive:
+        from ..adapt.transductive import PerQueryRefiner
         from ..adapt.transductive_batch import adapt_transductive
 
+        tx_config = spec.transductive_config()
         adapted, record, tx = adapt_transductive(
-            model, task.pool, task.spec.structures, task.queries, transductive=spec.transductive_config(), **options
+            model, task.pool, task.spec.structures, task.queries, transductive=tx_config, **options
         )  # fmt: skip
         extra = tx.to_record()
+        if tx_config.mode == "per-query":
+            refiner = PerQueryRefiner(adapted, tx.priors, tx_config)
     else:
         adapted, record = adapt(model, task.pool, task.spec.structures, **options)
     adapter = out / ADAPTERS_DIR / f"{cell.cell_id}.safetensors"
     save_adapter(adapted, adapter, {**record.to_dict(), **extra})
-    rows = evaluate_queries(adapted, task.queries, task.spec.structures, protocol)
+    rows = evaluate_queries(adapted, task.queries, task.spec.structures, protocol, refiner=refiner)
+    if refiner is not None:
+        extra["transductive"]["queries"] = [r.to_dict() for r in refiner.reports]
     cost = {
         "trainable_params": record.trainable_params,
         "adapter_bytes": adapter.stat().st_size,
@@ -211,33 +219,57 @@ def run_cell(
 
 
 def evaluate_queries(
-    adapted: Any, queries: Sequence[Any], structures: Sequence[str], protocol: Any
+    adapted: Any, queries: Sequence[Any], structures: Sequence[str], protocol: Any, *, refiner: Any = None
 ) -> list[dict[str, Any]]:
     """Predict each query case on its own grid and score it against its reference.
+
+    Args:
+        adapted: The adapted model.
+        queries: Query cases (with labels).
+        structures: Target structures, in the model's channel order.
+        protocol: The protocol (prediction options, NSD tolerance).
+        refiner: A :class:`~fseft.adapt.transductive.PerQueryRefiner` over ``adapted``: each query
+            refines the adapter before it is predicted (per-query transductive inference); the
+            original adapter is restored afterwards.
 
     Returns:
         One row per (case, structure): ``case, structure, dice, hd95_mm, nsd, vol_pred_ml,
         vol_gt_ml, flag`` (NaN metrics as None).
     """
+    config = protocol.predict_config()
+    rows = []
+    with refiner if refiner is not None else contextlib.nullcontext():
+        for case in queries:
+            rows.extend(_score_query(adapted, case, structures, protocol, config, refiner))
+    return rows
+
+
+def _score_query(
+    adapted: Any, case: Any, structures: Sequence[str], protocol: Any, config: Any, refiner: Any
+) -> list[dict[str, Any]]:
+    """Metric rows of one query case (refined first when ``refiner`` is given)."""
     from ..data.io import read_image, read_label
     from ..evaluation import evaluate_masks
     from ..inference import predict_image
+    from ..inference.predictor import describe_model, preprocess_image
 
-    config = protocol.predict_config()
+    image = read_image(case.image)
+    if refiner is not None:
+        _, _, pre, base = describe_model(adapted)
+        x, _ = preprocess_image(image, pre, base.structures)
+        refiner.refine(case.case_id, x[0])
+    prediction = predict_image(adapted, image, config=config)
+    masks: dict[str, np.ndarray] = {}
+    for source in case.labels:
+        for name, mask in read_label(source, image, structures=structures).items():
+            masks.setdefault(name, mask)
     rows = []
-    for case in queries:
-        image = read_image(case.image)
-        prediction = predict_image(adapted, image, config=config)
-        masks: dict[str, np.ndarray] = {}
-        for source in case.labels:
-            for name, mask in read_label(source, image, structures=structures).items():
-                masks.setdefault(name, mask)
-        for i, name in enumerate(structures):
-            if name not in masks:
-                raise DataError(f"{case.case_id}: its labels hold no {name}")
-            m = evaluate_masks(prediction.label.array == i + 1, masks[name], image.spacing,
-                               protocol.nsd_tolerance_mm, case=case.case_id, structure=name)  # fmt: skip
-            rows.append({key: _finite(getattr(m, key)) for key in
+    for i, name in enumerate(structures):
+        if name not in masks:
+            raise DataError(f"{case.case_id}: its labels hold no {name}")
+        m = evaluate_masks(prediction.label.array == i + 1, masks[name], image.spacing,
+                           protocol.nsd_tolerance_mm, case=case.case_id, structure=name)  # fmt: skip
+        rows.append({key: _finite(getattr(m, key)) for key in
                          ("case", "structure", "dice", "hd95_mm", "nsd", "vol_pred_ml", "vol_gt_ml", "flag")})  # fmt: skip
     return rows
 

@@ -261,6 +261,7 @@ def test_outputs_and_tables(reference):
     assert len(cells) == 10
     cell = next(c for c in cells if c["cell"]["label"] == "spatial-adapter +TI")
     assert cell["record"]["transductive"]["constraint_steps"] >= 1 and "size_priors" in cell["record"]
+    assert cell["record"]["transductive"]["constraint_time_s"] > 0
     assert {m["case"] for m in cell["metrics"]} == {"case4", "case5"}
     assert cell["cost"]["trainable_params"] > 0 and cell["cost"]["adapter_bytes"] > 0
     with open(reference / "results_per_case.csv") as f:

@@ -85,6 +85,7 @@ class BatchConstraint:
         self.started = False
         self.computed = 0
         self.applied = 0
+        self.seconds = 0.0
         self.before: list[list[float]] = []
         self._handles: list[Any] = []
 
@@ -137,6 +138,7 @@ class BatchConstraint:
 
     def step(self) -> None:
         """Compute the constraint gradient and leave it pending for the next supervised step."""
+        start = time.perf_counter()
         was_training = self.adapted.training
         self.adapted.eval()
         total: list[torch.Tensor] = [torch.zeros_like(p) for p in self.params]
@@ -154,6 +156,7 @@ class BatchConstraint:
             self.before = current
         self.pending = list(total)
         self.computed += 1
+        self.seconds += time.perf_counter() - start
 
     def reports(self) -> list[QueryReport]:
         """Per-query predicted vs prior proportions (before: at the first constraint step; after: now)."""
@@ -177,6 +180,7 @@ class TransductiveResult:
         reports: Per-query predicted vs prior proportions (batch mode; empty in per-query mode).
         constraint_steps: Constraint gradients applied to supervised steps (batch mode).
         feature_time_s: Seconds spent computing the query features.
+        constraint_time_s: Seconds spent computing constraint gradients (batch mode).
     """
 
     config: TransductiveConfig
@@ -184,6 +188,7 @@ class TransductiveResult:
     reports: list[QueryReport] = field(default_factory=list)
     constraint_steps: int = 0
     feature_time_s: float = 0.0
+    constraint_time_s: float = 0.0
 
     def to_record(self) -> dict[str, Any]:
         """``{"size_priors": [...], "transductive": {...}}``, to merge into the adapter file's record."""
@@ -196,6 +201,7 @@ class TransductiveResult:
                 "config": to_dict(self.config),
                 "constraint_steps": self.constraint_steps,
                 "feature_time_s": self.feature_time_s,
+                "constraint_time_s": self.constraint_time_s,
                 "queries": [r.to_dict() for r in self.reports],
             },
         }
@@ -289,6 +295,7 @@ def adapt_transductive(
         with BatchConstraint(adapted, feats, result.priors, tx) as constraint:
             yield constraint.wrap(on_epoch)
         result.reports, result.constraint_steps = constraint.reports(), constraint.applied
+        result.constraint_time_s = constraint.seconds
 
     adapted, record = adapt(
         model, support, structures, k=k, seed=seed, method=method, task=task, method_config=method_config,

@@ -273,7 +273,8 @@ def _tx_summary(tx: Any) -> None:
         )
         console.print(f"query {r.query}: {pairs}")
     if tx.config.mode == "batch":
-        console.print(f"constraint steps: {tx.constraint_steps} (warm-up {tx.config.warmup_epochs} epochs)")
+        console.print(f"constraint steps: {tx.constraint_steps} (warm-up {tx.config.warmup_epochs} epochs), "
+                      f"query features {tx.feature_time_s:.1f} s, constraint gradients {tx.constraint_time_s:.1f} s")
 
 
 class _ProgressBar:

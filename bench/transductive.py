@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=6)
     parser.add_argument("--lam", type=float, default=0.1)
     parser.add_argument("--margin", type=float, default=0.3)
-    parser.add_argument("--tx-lr", type=float, default=1e-2)
+    parser.add_argument("--tx-lr", type=float, default=None, help="per-query Adam rate (default: the method's)")
     parser.add_argument("--tx-steps", type=int, default=50)
     parser.add_argument("--queries", type=int, default=3, help="cost: query volumes timed")
     parser.add_argument("--swin", action="store_true", help="cost: also SwinUNETR-12")

@@ -31,6 +31,8 @@ from fseft.adapt.transductive import (
     PerQueryRefiner,
     QueryFeatures,
     TransductiveConfig,
+    band_distance,
+    penalty,
     predicted_proportions,
     query_features,
     refine,
@@ -247,6 +249,46 @@ def test_hinge_leaves_an_in_band_prediction_exactly_unchanged(probe):
     report = refine(model, query, prior, TransductiveConfig(steps=20, lr=0.05))
     assert report.steps == 0 and report.after == report.before
     assert all(torch.equal(before[k], v) for k, v in model.trainable_state_dict().items())
+
+
+@pytest.mark.parametrize("constraint", ["hinge", "log-barrier"])
+def test_an_overshooting_refinement_keeps_the_iterate_closest_to_the_band(probe, constraint):
+    """A step size far too large jumps over the band into saturation; the best iterate is kept."""
+    adapted, query = probe
+    p0 = proportion(adapted, query)
+    prior = (SizePrior("liver", p0, 1.0, 1.0, 1, (p0,), (True,)),)
+    biased = with_bias(adapted, 2.0)
+    start = proportion(biased, query)
+    report = refine(biased, query, prior, TransductiveConfig(constraint=constraint, steps=5, lr=50.0))
+    end = proportion(biased, query)
+    # distance to the band never grows, and the reported iterate is the one the model holds
+    assert band_distance(torch.tensor([end]), torch.tensor([p0]), 0.3) <= band_distance(
+        torch.tensor([start]), torch.tensor([p0]), 0.3
+    )
+    assert report.after[0] == pytest.approx(end) and 0 <= report.steps <= 5
+    # without the safeguard this step size collapses the mask (checked on a copy, by plain Adam)
+    raw = with_bias(adapted, 2.0)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=50.0)
+    with torch.enable_grad():
+        for step in range(5):
+            loss = penalty(predicted_proportions(raw, query), torch.tensor([p0]),
+                           TransductiveConfig(constraint=constraint), step)  # fmt: skip
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert not 0.7 * p0 <= proportion(raw, query) <= 1.3 * p0
+
+
+def test_per_query_rate_defaults_to_the_methods_own(probe):
+    adapted, query = probe
+    p0 = proportion(adapted, query)
+    prior = (SizePrior("liver", p0, 1.0, 1.0, 1, (p0,), (True,)),)
+    assert TransductiveConfig().lr is None and adapted.lr == 1e-2
+    default, explicit = with_bias(adapted, 2.0), with_bias(adapted, 2.0)
+    refine(default, query, prior, TransductiveConfig(steps=3))
+    refine(explicit, query, prior, TransductiveConfig(steps=3, lr=1e-2))
+    assert torch.equal(default.head.bias, explicit.head.bias)
 
 
 def test_per_query_refinement_starts_fresh_and_restores_the_adapter(probe):

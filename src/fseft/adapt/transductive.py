@@ -21,7 +21,13 @@ Two modes:
   the penalty alone refine before that query is predicted; the original is restored afterwards. With
   the hinge the refinement stops as soon as every proportion is inside its band (an in-band query
   leaves the parameters exactly unchanged). The penalty is the whole objective here, so Adam makes
-  it invariant to ``lam``; ``lr`` and ``steps`` set how far it may move.
+  it invariant to ``lam``; ``lr`` (default: the method's own training rate, e.g. 1e-2 for the linear
+  probe, 1e-4 for the spatial adapter) and ``steps`` set how far it may move. The iterate whose
+  proportions lie closest to their bands is kept (ties: the latest), so an overshoot never ends
+  further from the prior than the query started: with a rate of 1e-2 for every method, the spatial
+  adapter's thousands of weights overshot an over-segmented OpenKBP larynx to an empty mask
+  (proportion 0.0077 -> 0.0000 for a prior of 0.0042), where the sigmoid saturates and no gradient
+  brings it back.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .constraints import get_constraint
+from .constraints import band_violations, get_constraint
 from .feature_cache import FeatureCache
 from .size_prior import SizePrior
 
@@ -60,7 +66,7 @@ class TransductiveConfig:
         margin: Relative half-width ``m`` of the band ``[(1 - m), (1 + m)] * prior``.
         warmup_epochs: Batch mode: supervised epochs before the first constraint step.
         steps: Per-query mode: at most this many refinement steps per query.
-        lr: Per-query mode: Adam learning rate of the refinement.
+        lr: Per-query mode: Adam learning rate of the refinement (None: the adapted method's rate).
         t0: Log-barrier temperature at the first constraint step.
         t_growth: Factor applied to ``t`` after every constraint step.
         pool: Average-pooling factor per axis of the query features (1: full resolution).
@@ -77,7 +83,7 @@ class TransductiveConfig:
     margin: float = 0.3
     warmup_epochs: int = 50
     steps: int = 50
-    lr: float = 1e-2
+    lr: float | None = None
     t0: float = 5.0
     t_growth: float = 1.1
     pool: int = 2
@@ -88,7 +94,7 @@ class TransductiveConfig:
         if self.mode not in MODES:
             raise ConfigError(f"unknown transductive mode {self.mode!r}; choose one of: {', '.join(MODES)}")
         get_constraint(self.constraint)
-        if not self.lam > 0 or not 0 <= self.margin < 1 or not self.lr > 0:
+        if not self.lam > 0 or not 0 <= self.margin < 1 or (self.lr is not None and not self.lr > 0):
             raise ConfigError(
                 f"lambda and lr must be > 0 and margin in [0, 1), got {self.lam}, {self.lr}, {self.margin}"
             )
@@ -244,10 +250,11 @@ def penalty(p_hat: torch.Tensor, prior: torch.Tensor, cfg: TransductiveConfig, s
 def refine(
     adapted: AdaptedModel, query: QueryFeatures, priors: Sequence[SizePrior], cfg: TransductiveConfig
 ) -> QueryReport:
-    """Refine ``adapted`` in place on one query with ``cfg.steps`` Adam steps on the penalty alone.
+    """Refine ``adapted`` in place on one query with at most ``cfg.steps`` Adam steps on the penalty alone.
 
     With the hinge, refinement stops as soon as the penalty is exactly zero (every proportion inside
-    its band); a query already inside the band leaves the parameters untouched.
+    its band); a query already inside the band leaves the parameters untouched. The parameters kept
+    are those of the iterate closest to the bands (:func:`band_distance`; ties: the latest).
 
     Args:
         adapted: The adapted model (black-box method); modified in place.
@@ -256,7 +263,7 @@ def refine(
         cfg: Options (``steps``, ``lr``, ``constraint``, ``lam``, ``margin``, ``t0``, ``t_growth``).
 
     Returns:
-        The query's :class:`QueryReport`.
+        The query's :class:`QueryReport` (``steps``: the Adam steps that led to the kept iterate).
 
     Raises:
         ConfigError: a method that is not black-box, or a structure without a prior.
@@ -264,30 +271,41 @@ def refine(
     check_black_box(adapted)
     prior = prior_tensor(adapted, priors)
     params = [p for p in adapted.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr if cfg.lr is not None else adapted.lr or 1e-2)
     was_training = adapted.training
     adapted.eval()  # deterministic forward; gradients still flow to the trainable parameters
     before: list[float] = []
-    steps = 0
+    best_distance, best_step, best_params = float("inf"), 0, [p.detach().clone() for p in params]
     try:
         with torch.enable_grad():
-            for step in range(cfg.steps):
+            for step in range(cfg.steps + 1):
                 p_hat = predicted_proportions(adapted, query)
+                distance = band_distance(p_hat.detach(), prior, cfg.margin)
+                if distance <= best_distance:
+                    best_distance, best_step = distance, step
+                    best_params = [p.detach().clone() for p in params]
                 if step == 0:
                     before = p_hat.detach().cpu().tolist()
                 loss = penalty(p_hat, prior, cfg, step)
-                if cfg.constraint == "hinge" and float(loss.detach()) == 0.0:
+                if step == cfg.steps or (cfg.constraint == "hinge" and float(loss.detach()) == 0.0):
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                steps += 1
         with torch.no_grad():
+            for p, kept in zip(params, best_params, strict=True):
+                p.copy_(kept)
             after = predicted_proportions(adapted, query).cpu().tolist()
     finally:
         adapted.zero_grad(set_to_none=True)
         adapted.train(was_training)
-    return QueryReport(query.name, list(adapted.structures), prior.cpu().tolist(), before, after, steps)
+    return QueryReport(query.name, list(adapted.structures), prior.cpu().tolist(), before, after, best_step)
+
+
+def band_distance(p_hat: torch.Tensor, prior: torch.Tensor, margin: float) -> float:
+    """Summed relative distance of the proportions outside their bands (0 when all are inside)."""
+    over, under = band_violations(p_hat, prior, margin)
+    return float((torch.relu(over) + torch.relu(under)).sum())
 
 
 class PerQueryRefiner:
@@ -361,6 +379,7 @@ __all__ = [
     "QueryFeatures",
     "QueryReport",
     "TransductiveConfig",
+    "band_distance",
     "check_black_box",
     "penalty",
     "predicted_proportions",

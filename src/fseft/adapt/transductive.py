@@ -22,12 +22,14 @@ Two modes:
   the hinge the refinement stops as soon as every proportion is inside its band (an in-band query
   leaves the parameters exactly unchanged). The penalty is the whole objective here, so Adam makes
   it invariant to ``lam``; ``lr`` (default: the method's own training rate, e.g. 1e-2 for the linear
-  probe, 1e-4 for the spatial adapter) and ``steps`` set how far it may move. The iterate whose
-  proportions lie closest to their bands is kept (ties: the latest), so an overshoot never ends
-  further from the prior than the query started: with a rate of 1e-2 for every method, the spatial
-  adapter's thousands of weights overshot an over-segmented OpenKBP larynx to an empty mask
-  (proportion 0.0077 -> 0.0000 for a prior of 0.0042), where the sigmoid saturates and no gradient
-  brings it back.
+  probe, 1e-4 for the spatial adapter) and ``steps`` set how far it may move. The gradient follows
+  the soft proportion (mean probability, the paper's), but the iterate kept is the one whose written
+  mask (probability > 0.5) lies closest to the band (ties: the latest), so a refinement never leaves
+  the output further from the prior than it started. Both guards come from OpenKBP runs: with a rate
+  of 1e-2 for every method the spatial adapter overshot to an empty mask (soft proportion 0.0077 ->
+  0.0000, prior 0.0042), and an uncertain larynx adapter (probability ~0.25 over the whole body:
+  soft proportion 0.27, prior 0.001) had its mask emptied long before the soft proportion reached
+  the band.
 """
 
 from __future__ import annotations
@@ -121,8 +123,10 @@ class QueryReport:
         before: Predicted proportion per structure before refinement (batch: at the first
             constraint step).
         after: Predicted proportion per structure after refinement.
-        steps: Constraint steps taken.
+        steps: Constraint steps taken (per-query: the steps that led to the iterate kept).
         seconds: Wall time of features + refinement for this query (per-query mode).
+        mask_before: Proportion of the thresholded mask per structure before refinement (per-query).
+        mask_after: The same after refinement (per-query).
     """
 
     query: str
@@ -132,6 +136,8 @@ class QueryReport:
     after: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    mask_before: list[float] = field(default_factory=list)
+    mask_after: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict."""
@@ -222,10 +228,28 @@ def predicted_proportions(adapted: AdaptedModel, query: QueryFeatures) -> torch.
 
     ``binary``: sigmoid per channel; ``multiclass``: softmax channels ``1..C-1``.
     """
+    return soft_and_mask_proportions(adapted, query)[0]
+
+
+def soft_and_mask_proportions(adapted: AdaptedModel, query: QueryFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(soft, mask)`` proportions ``[S]`` of each structure over the query's body, from one forward.
+
+    ``soft`` is :func:`predicted_proportions` (differentiable); ``mask`` is the proportion of the
+    mask the prediction will write (sigmoid > 0.5; multiclass: the argmax), not differentiable. The
+    two can differ by far: an uncertain adapter spreading probability 0.2-0.3 over the whole body
+    has a large soft proportion and an empty mask.
+    """
     logits = adapted.forward_features(query.features)
-    probs = logits.softmax(1)[:, 1:] if adapted.task == "multiclass" else logits.sigmoid()
+    if adapted.task == "multiclass":
+        probs = logits.softmax(1)
+        mask = F.one_hot(probs.argmax(1), probs.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
+        probs = probs[:, 1:]
+    else:
+        probs = logits.sigmoid()
+        mask = (probs > 0.5).to(probs.dtype)
     w = query.weights
-    return (probs * w).sum(dim=(0, 2, 3, 4)) / w.sum().clamp_min(1e-8)
+    total = w.sum().clamp_min(1e-8)
+    return (probs * w).sum(dim=(0, 2, 3, 4)) / total, (mask * w).sum(dim=(0, 2, 3, 4)).detach() / total
 
 
 def prior_tensor(adapted: AdaptedModel, priors: Sequence[SizePrior]) -> torch.Tensor:
@@ -253,8 +277,10 @@ def refine(
     """Refine ``adapted`` in place on one query with at most ``cfg.steps`` Adam steps on the penalty alone.
 
     With the hinge, refinement stops as soon as the penalty is exactly zero (every proportion inside
-    its band); a query already inside the band leaves the parameters untouched. The parameters kept
-    are those of the iterate closest to the bands (:func:`band_distance`; ties: the latest).
+    its band); a query already inside the band leaves the parameters untouched. The gradient comes
+    from the soft proportion (the paper's), but the iterate kept is the one whose *mask* proportion
+    (what prediction writes) lies closest to the bands (:func:`band_distance`; ties: the latest), so
+    a refinement never leaves the written mask further from the prior than it started.
 
     Args:
         adapted: The adapted model (black-box method); modified in place.
@@ -275,17 +301,18 @@ def refine(
     was_training = adapted.training
     adapted.eval()  # deterministic forward; gradients still flow to the trainable parameters
     before: list[float] = []
+    mask_before: list[float] = []
     best_distance, best_step, best_params = float("inf"), 0, [p.detach().clone() for p in params]
     try:
         with torch.enable_grad():
             for step in range(cfg.steps + 1):
-                p_hat = predicted_proportions(adapted, query)
-                distance = band_distance(p_hat.detach(), prior, cfg.margin)
+                p_hat, mask = soft_and_mask_proportions(adapted, query)
+                distance = band_distance(mask, prior, cfg.margin)
                 if distance <= best_distance:
                     best_distance, best_step = distance, step
                     best_params = [p.detach().clone() for p in params]
                 if step == 0:
-                    before = p_hat.detach().cpu().tolist()
+                    before, mask_before = p_hat.detach().cpu().tolist(), mask.cpu().tolist()
                 loss = penalty(p_hat, prior, cfg, step)
                 if step == cfg.steps or (cfg.constraint == "hinge" and float(loss.detach()) == 0.0):
                     break
@@ -295,11 +322,12 @@ def refine(
         with torch.no_grad():
             for p, kept in zip(params, best_params, strict=True):
                 p.copy_(kept)
-            after = predicted_proportions(adapted, query).cpu().tolist()
+            soft, mask = soft_and_mask_proportions(adapted, query)
     finally:
         adapted.zero_grad(set_to_none=True)
         adapted.train(was_training)
-    return QueryReport(query.name, list(adapted.structures), prior.cpu().tolist(), before, after, best_step)
+    return QueryReport(query.name, list(adapted.structures), prior.cpu().tolist(), before, soft.cpu().tolist(),
+                       best_step, mask_before=mask_before, mask_after=mask.cpu().tolist())  # fmt: skip
 
 
 def band_distance(p_hat: torch.Tensor, prior: torch.Tensor, margin: float) -> float:
@@ -386,4 +414,5 @@ __all__ = [
     "prior_tensor",
     "query_features",
     "refine",
+    "soft_and_mask_proportions",
 ]

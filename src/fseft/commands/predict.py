@@ -124,8 +124,9 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"wrote {cases} file(s) for {len(inputs)} case(s) to {args.out}")
     for r in getattr(refiner, "reports", []):
         sizes = ", ".join(
-            f"{s} {b:.4f} -> {a:.4f} (prior {p:.4f})"
-            for s, b, a, p in zip(r.structures, r.before, r.after, r.prior, strict=True)
+            f"{s} {b:.4f} -> {a:.4f} (mask {mb:.4f} -> {ma:.4f}; prior {p:.4f})"
+            for s, b, a, mb, ma, p in zip(r.structures, r.before, r.after, r.mask_before, r.mask_after, r.prior,
+                                          strict=True)
         )
         console.print(f"transductive {r.query}: {sizes}; {r.steps} steps, {r.seconds:.1f} s")
     return 0

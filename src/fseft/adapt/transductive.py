@@ -49,6 +49,7 @@ from .feature_cache import FeatureCache
 from .size_prior import SizePrior
 
 if TYPE_CHECKING:
+    from ..data.image import Image
     from .model import AdaptedModel
 
 logger = logging.getLogger(__name__)
@@ -297,12 +298,13 @@ def refine(
     check_black_box(adapted)
     prior = prior_tensor(adapted, priors)
     params = [p for p in adapted.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr if cfg.lr is not None else adapted.lr or 1e-2)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr if cfg.lr is not None else adapted.lr)
     was_training = adapted.training
     adapted.eval()  # deterministic forward; gradients still flow to the trainable parameters
     before: list[float] = []
     mask_before: list[float] = []
-    best_distance, best_step, best_params = float("inf"), 0, [p.detach().clone() for p in params]
+    best_distance, best_step = float("inf"), 0
+    best_params: list[torch.Tensor] = []
     try:
         with torch.enable_grad():
             for step in range(cfg.steps + 1):
@@ -395,6 +397,14 @@ class PerQueryRefiner:
             report.steps,
         )
         return report
+
+    def refine_image(self, name: str, image: Image) -> QueryReport:
+        """:meth:`refine` on a CT image as read from disk (preprocessed as the model expects)."""
+        from ..inference.predictor import describe_model, preprocess_image
+
+        _, _, pre, base = describe_model(self.adapted)
+        x, _ = preprocess_image(image, pre, base.structures)
+        return self.refine(name, x[0])
 
 
 def _fmt(values: Sequence[float]) -> str:

@@ -246,8 +246,10 @@ class MethodSpec:
         text = self.method if decoder == default else f"{self.method} (decoder {decoder})"
         if not self.transductive:
             return text
-        tx = self.transductive_config()
-        variants = [v for v, paper in ((tx.mode, "batch"), (tx.constraint, "hinge")) if v != paper]
+        from ..adapt.transductive import TransductiveConfig
+
+        tx, paper = self.transductive_config(), TransductiveConfig()
+        variants = [v for v, d in ((tx.mode, paper.mode), (tx.constraint, paper.constraint)) if v != d]
         return " ".join([text, "+TI", *variants])
 
 

@@ -251,13 +251,10 @@ def _score_query(
     from ..data.io import read_image, read_label
     from ..evaluation import evaluate_masks
     from ..inference import predict_image
-    from ..inference.predictor import describe_model, preprocess_image
 
     image = read_image(case.image)
     if refiner is not None:
-        _, _, pre, base = describe_model(adapted)
-        x, _ = preprocess_image(image, pre, base.structures)
-        refiner.refine(case.case_id, x[0])
+        refiner.refine_image(case.case_id, image)
     prediction = predict_image(adapted, image, config=config)
     masks: dict[str, np.ndarray] = {}
     for source in case.labels:
@@ -270,7 +267,7 @@ def _score_query(
         m = evaluate_masks(prediction.label.array == i + 1, masks[name], image.spacing,
                            protocol.nsd_tolerance_mm, case=case.case_id, structure=name)  # fmt: skip
         rows.append({key: _finite(getattr(m, key)) for key in
-                         ("case", "structure", "dice", "hd95_mm", "nsd", "vol_pred_ml", "vol_gt_ml", "flag")})  # fmt: skip
+                     ("case", "structure", "dice", "hd95_mm", "nsd", "vol_pred_ml", "vol_gt_ml", "flag")})  # fmt: skip
     return rows
 
 

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                else contextlib.nullcontext())  # fmt: skip
     with _PredictProgress(console, len(inputs)) as (on_case, on_window), refiner:
         if args.transductive:
-            on_case = _refining(on_case, refiner, model)
+            on_case = _refining(on_case, refiner)
         written = predict_files(model, inputs, output, config=config, on_case=on_case, progress=on_window)
     cases = sum(1 for p in written if p.name != "labels.json")
     console.print(f"wrote {cases} file(s) for {len(inputs)} case(s) to {args.out}")
@@ -158,17 +158,13 @@ def _refiner(model: Any, adapter: Path | None, device: str, constraint: str | No
     return PerQueryRefiner(model.to(resolve_device(device)), priors_from_header(header, str(adapter)), cfg)
 
 
-def _refining(on_case: Any, refiner: Any, model: Any) -> Any:
+def _refining(on_case: Any, refiner: Any) -> Any:
     """``on_case`` that also refines the adapter on the input about to be predicted."""
     from ..data.io import read_image
-    from ..inference.predictor import describe_model, preprocess_image
-
-    _, _, pre, base = describe_model(model)
 
     def hook(index: int, count: int, item: Any) -> None:
         on_case(index, count, item)
-        x, _ = preprocess_image(read_image(item.path), pre, base.structures)
-        refiner.refine(item.name, x[0])
+        refiner.refine_image(item.name, read_image(item.path))
 
     return hook
 

@@ -4,11 +4,15 @@ Runs the real training step (FoundationModel forward, partial-label Dice + BCE, 
 random volumes with all 29 universal structures annotated, and prints a table. Also measures, on
 CPU, the throughput of 2-process DDP (gloo) relative to one process.
 
-    python bench/train_step.py                 # CPU: unet-small 64^3 / 96^3, SwinUNETR-12 64^3, DDP ratio
+    python bench/train_step.py                 # CPU: unet-small-16 vs resunet-8 at 64^3 (ratio), SwinUNETR-12, DDP
     python bench/train_step.py --full          # + SwinUNETR-48 96^3 on CPU
     python bench/train_step.py --device cuda   # every backbone and size, fp32 and bf16
 
-Time is the median over ``--steps`` steps after ``--warmup`` steps. Peak memory is
+Every case trains batches of 2 crops (one step of ``fseft pretrain --batch-size 2 --num-samples 1``;
+with batch 1, PyTorch's CPU heuristic sends small 3D convolutions to its slow native kernel
+instead of oneDNN). On CPU the table ends with each case's crops per second relative to
+``unet-small``-16 at 64^3, the baseline measured in the same run. Time is the median over
+``--steps`` steps after ``--warmup`` steps. Peak memory is
 ``torch.cuda.max_memory_allocated`` on GPU and the peak growth of the process RSS (sampled every
 2 ms) over the model's creation and steps on CPU.
 """
@@ -43,11 +47,12 @@ class Case:
     feature_size: int
     roi: int
     amp: str = "off"
-    batch: int = 1
+    batch: int = 2
+    channels_last: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.arch}-{self.feature_size}"
+        return f"{self.arch}-{self.feature_size}" + (" (channels_last)" if self.channels_last else "")
 
 
 @dataclass(frozen=True)
@@ -92,12 +97,14 @@ def make_step(case: Case, device: torch.device, ddp: bool = False) -> Callable[[
         preprocess=PreprocessConfig(roi=(case.roi,) * 3),
     )
     model = build_model(cfg).to(device)
+    memory_format = torch.channels_last_3d if case.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = PartialLabelLoss()
     scaler = torch.amp.GradScaler("cuda", enabled=case.amp == "fp16")
     shape = (case.batch, 1, case.roi, case.roi, case.roi)
-    image = torch.rand(shape, device=device)
+    image = torch.rand(shape, device=device).contiguous(memory_format=memory_format)
     label = (torch.rand((case.batch, len(UNIVERSAL_29), *shape[2:]), device=device) > 0.9).float()
     annotated = torch.ones(case.batch, len(UNIVERSAL_29), dtype=torch.bool, device=device)
 
@@ -161,13 +168,18 @@ def ddp_ratio(case: Case, warmup: int, steps: int) -> tuple[float, float, float]
     return single, double, 2 * single / double
 
 
+#: The reference of the CPU ratios: the pre-training step of ``unet-small``-16 at 64^3.
+BASELINE = Case("unet-small", 16, 64)
+
+
 def cases_for(device: torch.device, full: bool) -> list[Case]:
     if device.type == "cuda":
         sizes = [Case("unet-small", 16, 96), Case("unet3d", 64, 96), Case("swinunetr", 12, 64),
                  Case("swinunetr", 48, 96)]  # fmt: skip
         return [Case(c.arch, c.feature_size, c.roi, amp) for c in sizes for amp in ("off", "bf16")]
-    cases = [Case("unet-small", 16, 64), Case("unet-small", 16, 96), Case("swinunetr", 12, 64)]
-    return cases + ([Case("swinunetr", 48, 96)] if full else [])
+    cases = [BASELINE, Case("resunet", 8, 64), Case("resunet", 8, 64, channels_last=True),
+             Case("resunet", 12, 64, channels_last=True), Case("swinunetr", 12, 64)]  # fmt: skip
+    return cases + ([Case("unet-small", 16, 96), Case("swinunetr", 48, 96)] if full else [])
 
 
 def main() -> None:
@@ -186,15 +198,17 @@ def main() -> None:
         if device.type == "cuda"
         else f"CPU, {torch.get_num_threads()} threads"
     )
-    table = Table(title=f"pre-training step (batch 1, 29 structures) on {what}")
-    for col in ("backbone", "roi", "precision", "s/step", "volumes/s", "peak MiB"):
+    table = Table(title=f"pre-training step (2 crops, 29 structures) on {what}")
+    for col in ("backbone", "roi", "precision", "s/step", "crops/s", "peak MiB", "x baseline"):
         table.add_column(col, justify="right" if col not in ("backbone", "precision") else "left")
-    for case in cases_for(device, args.full):
-        r = bench(case, device, args.warmup, args.steps)
+    results = [bench(case, device, args.warmup, args.steps) for case in cases_for(device, args.full)]
+    base = next((r for r in results if r.case == BASELINE), None)
+    for r in results:
+        case = r.case
         precision = "fp32" if case.amp == "off" else case.amp
+        ratio = f"{base.seconds / r.seconds:.2f}" if base is not None else "-"
         table.add_row(case.name, f"{case.roi}^3", precision, f"{r.seconds:.3f}", f"{case.batch / r.seconds:.2f}",
-                      f"{r.peak_mib:.0f}")  # fmt: skip
-        console.print(f"done {case.name} {case.roi}^3 {precision}: {r.seconds:.3f} s/step")
+                      f"{r.peak_mib:.0f}", ratio)  # fmt: skip
     console.print(table)
     if device.type == "cpu" and not args.no_ddp:
         case = Case("unet-small", 16, 64)

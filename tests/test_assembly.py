@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fseft.errors import ConfigError
-from fseft.training.assembly import load_assembly, resolve_assembly
+from fseft.training.assembly import data_key, load_assembly, resolve_assembly
 
 PROTOCOLS = Path(__file__).resolve().parents[1] / "src" / "fseft" / "protocols"
 
@@ -61,3 +61,21 @@ def test_shipped_openkbp_recipe_has_disjoint_partial_sources(openkbp_dir: Path, 
     assert len(ids) == 3 and sum(map(len, ids)) == len(set().union(*ids)) > 160
     assert len(assembly.val_cases) == 33
     assert "larynx" not in assembly.structures and "esophagus" not in assembly.structures
+
+
+def test_data_root_and_location_independent_resume_key(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe" / "a.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text("datasets:\n  - {manifest: cases.csv, splits: [train], structures: [brainstem]}\n")
+    keys = []
+    for where in ("here", "there"):
+        (tmp_path / where).mkdir()
+        _write_manifest(tmp_path / where, n_train=4, n_val=1)
+        assembly = resolve_assembly(load_assembly(recipe, data_root=tmp_path / where))
+        assert assembly.groups[0][1][0].image.parent.parent == tmp_path / where
+        keys.append(data_key(assembly))
+    # the same cases elsewhere resume the same run; other cases do not
+    assert keys[0] == keys[1] and keys[0]["val_cases"] == ["c04"]
+    (tmp_path / "fewer").mkdir()
+    _write_manifest(tmp_path / "fewer", n_train=3, n_val=1)
+    assert data_key(resolve_assembly(load_assembly(recipe, data_root=tmp_path / "fewer"))) != keys[0]

@@ -38,6 +38,11 @@ def unet() -> FoundationModel:
 
 
 @pytest.fixture(scope="module")
+def resunet() -> FoundationModel:
+    return _build("resunet", 4, 32)
+
+
+@pytest.fixture(scope="module")
 def swin() -> FoundationModel:
     return _build("swinunetr", 12, 64)
 
@@ -82,6 +87,18 @@ def expected_count(method: str, model: FoundationModel, n_out: int) -> int:
             "adaptformer": sum(2 * (2 * d * 16 + 16 + d) for d in dims),
             "compacter": sum(2 * 3 * (d + 16) for d in dims) + 2 * 4**3,
         }
+    elif model.config.arch == "resunet":
+        # (in, out, kernel) of the encoder convolutions: the stem, then per residual block conv1
+        # (stride 2), conv2 and the 1x1x1 projection of the skip; every one followed by an affine
+        # instance norm (BitFit trains those biases: the convolutions have none)
+        convs3 = [(1, f, 3)] + [c for i, o in ((f, 2 * f), (2 * f, 4 * f), (4 * f, 8 * f))
+                                for c in ((i, o, 3), (o, o, 3), (i, o, 1))]  # fmt: skip
+        per_method |= {
+            "bitfit": sum(o for _, o, _ in convs3),
+            "affine-ln": sum(2 * o for _, o, _ in convs3),
+            "lora": sum(4 * i * k**3 + 4 * o for i, o, k in convs3),
+            "adapter-cnn": sum(i * o for i, o, _ in convs3),
+        }
     else:
         convs = [(1, f), (f, f), (f, f), (f, f), (f, 2 * f), (2 * f, 2 * f), (2 * f, 4 * f), (4 * f, 4 * f)]
         per_method |= {
@@ -103,13 +120,13 @@ def test_registry_lists_every_method_and_rejects_unknown_names() -> None:
 
 
 @pytest.mark.parametrize("method", sorted(ALL))
-@pytest.mark.parametrize("arch", ["unet-small", "swinunetr"])
+@pytest.mark.parametrize("arch", ["unet-small", "resunet", "swinunetr"])
 def test_trainable_count_matches_formula(
-    arch: str, method: str, unet: FoundationModel, swin: FoundationModel
+    arch: str, method: str, unet: FoundationModel, resunet: FoundationModel, swin: FoundationModel
 ) -> None:
-    model = swin if arch == "swinunetr" else unet
+    model = {"swinunetr": swin, "resunet": resunet, "unet-small": unet}[arch]
     if method in (UNET_ONLY if arch == "swinunetr" else SWIN_ONLY):
-        supported = "unet3d, unet-small" if arch == "swinunetr" else "swinunetr"
+        supported = "unet3d, unet-small, resunet" if arch == "swinunetr" else "swinunetr"
         with pytest.raises(
             ConfigError, match=f"does not apply to backbone '{arch}'; it supports: {supported}"
         ):

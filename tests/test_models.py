@@ -41,7 +41,7 @@ def swin() -> FoundationModel:
     return build_model(small_cfg("swinunetr", 12, 64)).eval()
 
 
-@pytest.mark.parametrize("arch", ["unet-small", "unet3d"])
+@pytest.mark.parametrize("arch", ["unet-small", "unet3d", "resunet"])
 def test_unet_features_and_logits_shapes(arch: str) -> None:
     torch.manual_seed(0)
     model = build_model(small_cfg(arch)).eval()
@@ -86,7 +86,7 @@ def test_features_rejects_bad_input(swin: FoundationModel) -> None:
 
 
 def test_unknown_arch_lists_backbones() -> None:
-    with pytest.raises(ConfigError, match="swinunetr, unet-small, unet3d"):
+    with pytest.raises(ConfigError, match="resunet, swinunetr, unet-small, unet3d"):
         build_model(small_cfg("resnet"))
 
 
@@ -94,7 +94,7 @@ def _role_params(model: FoundationModel, roles: list[str]) -> list[int]:
     return [id(p) for r in roles for m in model.role(r).values() for p in m.parameters()]
 
 
-@pytest.mark.parametrize("arch", ["unet-small", "unet3d", "swinunetr"])
+@pytest.mark.parametrize("arch", ["unet-small", "unet3d", "resunet", "swinunetr"])
 def test_roles_partition_parameters_and_resolve_by_name(arch: str, swin: FoundationModel) -> None:
     model = swin if arch == "swinunetr" else build_model(small_cfg(arch))
     covered = _role_params(model, ["encoder", "bottleneck", "decoder", "head"])

@@ -258,6 +258,23 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert [r["step"] for r in log] == list(range(1, 7))
     full_log = TrainLog(tmp_path / "full" / "train_log.jsonl").records()
     assert [r["loss"] for r in log] == [r["loss"] for r in full_log]
+    # training time adds up over the resume: a learning curve in compute time needs no gaps
+    elapsed = [r["elapsed_s"] for r in log]
+    assert elapsed == sorted(elapsed) and resumed.elapsed_s == pytest.approx(elapsed[-1], abs=0.1)
+    assert load_checkpoint(tmp_path / "crash" / "checkpoint.pt")["elapsed_s"] == resumed.elapsed_s
+
+
+def test_channels_last_training_matches_contiguous(tmp_path: Path) -> None:
+    def model() -> FoundationModel:
+        seed_everything(0)
+        return build_model(ModelConfig(arch="resunet", feature_size=4, structures=STRUCTURES,
+                                       preprocess=PreprocessConfig(roi=ROI)))  # fmt: skip
+
+    plain = pretrain(model(), toy_sources(), STRUCTURES, _cfg(steps=3), tmp_path / "a").model
+    fast = pretrain(model(), toy_sources(), STRUCTURES, _cfg(steps=3, channels_last=True), tmp_path / "b").model
+    assert fast.head.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[k], v, rtol=1e-3, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

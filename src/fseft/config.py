@@ -35,6 +35,9 @@ class PreprocessConfig:
         pos: Relative weight of crops centred on a labelled voxel.
         neg: Relative weight of crops centred on a background voxel.
         augment: Apply the paper's training augmentations (flips, 90 degree rotations, intensity shift).
+        spatial_augment: With ``augment``, include the flips and 90 degree rotations. Turn off for
+            models with left/right structures (parotids, kidneys): a left-right flip or an axial
+            rotation moves a left organ to where the right one belongs, under the left label.
     """
 
     orientation: str = "RAS"
@@ -46,6 +49,7 @@ class PreprocessConfig:
     pos: float = 1.0
     neg: float = 1.0
     augment: bool = True
+    spatial_augment: bool = True
 
     def __post_init__(self) -> None:
         if len(self.spacing) != 3 or any(s <= 0 or s > 50 for s in self.spacing):

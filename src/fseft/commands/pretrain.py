@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "(manifest, optional template, structures, splits, weight; see fseft.training.assembly)")  # fmt: skip
     src.add_argument("--manifest", type=Path, metavar="PATH",
                      help="one manifest (CSV, dataset.json, folder) whose cases declare their structures")  # fmt: skip
+    data.add_argument("--data-root", type=Path, metavar="DIR",
+                      help="with --assembly: manifest paths are relative to DIR (default: the YAML's folder)")  # fmt: skip
     data.add_argument(
         "--splits", nargs="+", metavar="SPLIT", help="with --manifest: train on these splits only"
     )
@@ -44,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cache-dir", type=Path, default=None, help="preprocessed-volume cache (default OUT/cache)"
     )
     model = p.add_argument_group("model")
-    model.add_argument("--model-arch", default="swinunetr", help="backbone: swinunetr, unet3d, unet-small")
+    model.add_argument("--model-arch", default="swinunetr", help="backbone: swinunetr, unet3d, unet-small, resunet")
     model.add_argument(
         "--feature-size", type=int, default=48, help="backbone width (SwinUNETR: multiple of 12)"
     )
@@ -59,6 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--no-augment", action="store_true", help="disable flips, rotations and intensity shifts"
     )
+    model.add_argument("--no-spatial-augment", action="store_true",
+                       help="keep the intensity shift but no flips or rotations (models with left/right structures)")  # fmt: skip
+    model.add_argument("--pos", type=float, default=defaults.pos,
+                       help="relative weight of crops centred on an annotated structure")  # fmt: skip
+    model.add_argument("--neg", type=float, default=defaults.neg,
+                       help="relative weight of crops centred on a background body voxel")  # fmt: skip
     model.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing (SwinUNETR)")
     train = p.add_argument_group("training")
     train.add_argument("--steps", type=int, default=1000, help="optimiser steps")
@@ -76,6 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--num-workers", type=int, default=0, help="data-loader workers (results do not depend on it)"
     )
+    train.add_argument("--channels-last", action="store_true",
+                       help="channels_last_3d memory format (faster on CPU for resunet; see perf/train_step.py)")  # fmt: skip
     run_g = p.add_argument_group("run")
     run_g.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     run_g.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
@@ -96,7 +106,7 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.assembly is not None:
         if args.splits:
             raise ConfigError("--splits applies to --manifest; put 'splits' in the assembly YAML instead")
-        assembly = load_assembly(args.assembly)
+        assembly = load_assembly(args.assembly, args.data_root)
         overrides: dict[str, Any] = {}
         if args.structures:
             overrides["structures"] = tuple(args.structures)
@@ -106,6 +116,8 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             assembly = AssemblyConfig(**{**{f: getattr(assembly, f) for f in ("datasets", "structures", "val_cases")},
                                          **overrides})  # fmt: skip
     else:
+        if args.data_root is not None:
+            raise ConfigError("--data-root applies to --assembly")
         splits = tuple(args.splits) if args.splits else None
         assembly = AssemblyConfig(
             datasets=(DatasetSpec(args.manifest, splits=splits),),
@@ -117,12 +129,15 @@ def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         roi=tuple(args.roi),
         num_samples=args.num_samples,
         augment=not args.no_augment,
+        spatial_augment=not args.no_spatial_augment,
+        pos=args.pos,
+        neg=args.neg,
     )
     train = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup=args.warmup, bce_weight=args.bce_weight, amp=args.amp, seed=args.seed,
         val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
-        num_workers=args.num_workers, device=args.device,
+        num_workers=args.num_workers, device=args.device, channels_last=args.channels_last,
     )  # fmt: skip
     return assembly, preprocess, train
 
@@ -135,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.dataset import CachedCaseDataset
     from ..models import ModelConfig, build_model, save_model
     from ..runtime import barrier, distributed_session, seed_everything
-    from ..training.assembly import resolve_assembly
+    from ..training.assembly import data_key, resolve_assembly
     from ..training.pretrain import pretrain
 
     assembly_cfg, preprocess, train = _configs(args)
@@ -167,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
             f"({sum(len(s) for s in sources)} cases), {len(val)} validation cases, "
             f"{model.num_parameters() / 1e6:.2f} M parameters, {ctx.world_size} process(es) on {ctx.device}"
         )
-        run_key = {"model": model_cfg.to_dict(), "data": to_dict(assembly_cfg)}
+        run_key = {"model": model_cfg.to_dict(), "data": data_key(assembly)}
         with _TrainProgress(console, train.steps) as callback:
             result = pretrain(
                 model, sources, structures, train, out, ctx=ctx, weights=assembly.weights,

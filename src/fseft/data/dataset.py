@@ -13,7 +13,8 @@ The cache key (sha1) covers everything the cached volume depends on:
   still covers every voxel; an uncompressed file edited mid-way at constant size would be missed).
   Digests are memoised per process on (path, size, mtime), so unchanged files are hashed once;
 * the case id, declared structures and the label templates' value -> structure mappings;
-* the preprocessing config, the model structures, whether labels are loaded, the MONAI version and
+* the deterministic preprocessing fields (``CACHE_FIELDS``; crop and augmentation settings are
+  not part of the key), the model structures, whether labels are loaded, the MONAI version and
   ``CACHE_VERSION`` (bumped whenever the pipeline's code changes).
 
 MetaTensors are stored as plain tensors plus their metadata and traced operations (numpy arrays and
@@ -47,7 +48,9 @@ from .transforms import Mode, Pipeline, preprocess_transforms, sampling_transfor
 logger = logging.getLogger(__name__)
 
 #: Bump when the deterministic pipeline's code changes so old cache entries are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+#: The ``PreprocessConfig`` fields the deterministic pipeline depends on (sampling fields are not).
+CACHE_FIELDS = ("orientation", "spacing", "hu_window", "crop_foreground", "roi")
 #: Files up to this size are hashed whole; larger ones by size + first and last ``EDGE_BYTES``.
 FULL_HASH_BYTES = 4 << 20
 EDGE_BYTES = 1 << 20
@@ -128,7 +131,7 @@ def case_cache_key(case: Case, structures: Sequence[str], cfg: PreprocessConfig,
     spec: dict[str, Any] = {
         "version": CACHE_VERSION,
         "monai": monai.__version__,
-        "preprocess": to_dict(cfg),
+        "preprocess": {k: v for k, v in to_dict(cfg).items() if k in CACHE_FIELDS},
         "structures": list(structures),
         "with_label": with_label,
         "case_id": case.case_id,

@@ -281,7 +281,8 @@ def sampling_transforms(cfg: PreprocessConfig, structures: Sequence[str], mode: 
     :func:`index_to_channels`).
 
     Args:
-        cfg: Preprocessing configuration (``roi``, ``pos``, ``neg``, ``num_samples``, ``augment``).
+        cfg: Preprocessing configuration (``roi``, ``pos``, ``neg``, ``num_samples``, ``augment``,
+            ``spatial_augment``).
         structures: Model structure names.
         mode: ``"train"``, ``"eval"`` or ``"infer"``.
 
@@ -312,12 +313,11 @@ def sampling_transforms(cfg: PreprocessConfig, structures: Sequence[str], mode: 
             warn=False,
         ),
     ]
-    if cfg.augment:
+    if cfg.augment and cfg.spatial_augment:
         steps += [RandFlipd(keys, prob=0.1, spatial_axis=axis) for axis in range(3)]
-        steps += [
-            RandRotate90d(keys, prob=0.1, max_k=3),
-            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-        ]
+        steps.append(RandRotate90d(keys, prob=0.1, max_k=3))
+    if cfg.augment:
+        steps.append(RandShiftIntensityd("image", offsets=0.1, prob=0.5))
     steps.append(IndexToChannelsd("label", num_structures=len(structures)))
     return steps
 

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -115,8 +116,13 @@ class Assembly:
     structures: tuple[str, ...]
 
 
-def load_assembly(path: str | Path) -> AssemblyConfig:
+def load_assembly(path: str | Path, data_root: str | Path | None = None) -> AssemblyConfig:
     """Read an assembly YAML (a mapping with ``datasets``, or a bare list of datasets).
+
+    Args:
+        path: The YAML file.
+        data_root: Folder the manifest paths are relative to (default: the YAML's folder), so a
+            shipped recipe can point at data wherever it lives.
 
     Raises:
         ConfigError: naming the file on invalid YAML, unknown keys or values.
@@ -131,11 +137,25 @@ def load_assembly(path: str | Path) -> AssemblyConfig:
     for entry in entries:
         if not isinstance(entry, dict) or "manifest" not in entry:
             raise ConfigError(f"{p}: every dataset needs a 'manifest' path")
-        entry["manifest"] = p.parent / str(entry["manifest"])
+        entry["manifest"] = Path(data_root if data_root is not None else p.parent) / str(entry["manifest"])
     try:
         return from_dict(AssemblyConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
+
+
+def data_key(assembly: Assembly) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint about the data, independent of where it lives.
+
+    Case ids per sampling group, the validation case ids and the structures: a checkpoint moved to
+    another machine (data at another path) still resumes; a different case list does not.
+    """
+    return {
+        "groups": {name: [c.case_id for c in cases] for name, cases in assembly.groups},
+        "weights": list(assembly.weights),
+        "val_cases": [c.case_id for c in assembly.val_cases],
+        "structures": list(assembly.structures),
+    }
 
 
 def universal_order(names: Sequence[str]) -> tuple[str, ...]:

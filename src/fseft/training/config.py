@@ -32,6 +32,9 @@ class TrainConfig:
         sw_batch_size: Windows per forward pass in sliding-window validation.
         sw_overlap: Overlap of sliding windows in validation, in ``[0, 1)``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        channels_last: Train in the ``channels_last_3d`` memory format (faster convolutions with
+            oneDNN on CPU for some backbones: measure with ``perf/train_step.py``). Not part of
+            the resume key: the result differs only by float rounding.
     """
 
     steps: int = 1000
@@ -52,6 +55,7 @@ class TrainConfig:
     sw_batch_size: int = 2
     sw_overlap: float = 0.25
     device: str = "auto"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:

@@ -52,6 +52,8 @@ class StepReport:
         lr: Learning rate used by this step.
         volumes_per_s: Volumes (all ranks) per second since the loop (re)started.
         val_dice: Per-structure validation Dice, on the steps where validation ran.
+        elapsed_s: Wall-clock seconds of training (validation included) since step 0, summed over
+            resumed runs: the x axis of a learning curve in compute time.
     """
 
     step: int
@@ -60,6 +62,7 @@ class StepReport:
     lr: float
     volumes_per_s: float
     val_dice: dict[str, float] | None = None
+    elapsed_s: float = 0.0
 
 
 @dataclass
@@ -71,12 +74,14 @@ class TrainResult:
         step: Steps completed.
         resumed_from: Step the run resumed from (0 for a fresh run).
         val_dice: The last validation Dice per structure (empty without validation data).
+        elapsed_s: Wall-clock seconds of training since step 0, summed over resumed runs.
     """
 
     model: nn.Module
     step: int
     resumed_from: int = 0
     val_dice: dict[str, float] = field(default_factory=dict)
+    elapsed_s: float = 0.0
 
 
 def pretrain(
@@ -133,6 +138,8 @@ def pretrain(
     train_log = TrainLog(out / LOG_NAME)
 
     model.to(ctx.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
     ckpt_path = out / CHECKPOINT_NAME
     state = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
     if state is not None:
@@ -165,6 +172,7 @@ def pretrain(
     if ctx.is_main:
         train_log.rewind(start)
     val_dice: dict[str, float] = dict(state.get("val_dice", {})) if state is not None else {}
+    elapsed_before = float(state.get("elapsed_s", 0.0)) if state is not None else 0.0
 
     loader = DataLoader(
         batches,
@@ -177,9 +185,10 @@ def pretrain(
     net.train()
     t0 = time.perf_counter()
     step = start
+    elapsed = elapsed_before
     for step_index, batch in zip(range(start, cfg.steps), loader, strict=False):
         lr = optimizer.param_groups[0]["lr"]
-        loss = _train_step(net, batch, loss_fn, optimizer, scaler, ctx, amp)
+        loss = _train_step(net, batch, loss_fn, optimizer, scaler, ctx, amp, cfg.channels_last)
         scheduler.step()
         step = step_index + 1
         if ctx.distributed:  # gloo has no AVG
@@ -191,15 +200,17 @@ def pretrain(
                 model, val_samples, structures, roi, ctx, amp, cfg.sw_batch_size, cfg.sw_overlap
             )
             report_val = val_dice
-        speed = (step - start) * cfg.batch_size * ctx.world_size / (time.perf_counter() - t0)
-        report = StepReport(step, cfg.steps, float(loss), lr, speed, report_val)
+        seconds = time.perf_counter() - t0
+        speed = (step - start) * cfg.batch_size * ctx.world_size / seconds
+        elapsed = elapsed_before + seconds
+        report = StepReport(step, cfg.steps, float(loss), lr, speed, report_val, elapsed)
         if ctx.is_main:
             _log_step(train_log, report, cfg)
             if callback is not None:
                 callback(report)
         if step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
-            _checkpoint(ckpt_path, model, optimizer, scheduler, scaler, sampler, step, key, val_dice, ctx)
-    return TrainResult(model=model, step=step, resumed_from=start, val_dice=val_dice)
+            _checkpoint(ckpt_path, model, optimizer, scheduler, scaler, sampler, step, key, val_dice, elapsed, ctx)
+    return TrainResult(model=model, step=step, resumed_from=start, val_dice=val_dice, elapsed_s=elapsed)
 
 
 def _train_step(
@@ -210,10 +221,13 @@ def _train_step(
     scaler: torch.amp.GradScaler,
     ctx: DistContext,
     amp: str,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """One forward/backward/update; returns the detached loss."""
     non_blocking = ctx.device.type == "cuda"
     image = batch["image"].to(ctx.device, non_blocking=non_blocking)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last_3d)
     label = batch["label"].to(ctx.device, non_blocking=non_blocking)
     annotated = batch["annotated"].to(ctx.device, non_blocking=non_blocking)
     optimizer.zero_grad(set_to_none=True)
@@ -234,7 +248,9 @@ def _log_step(train_log: TrainLog, report: StepReport, cfg: TrainConfig) -> None
         values = list(report.val_dice.values())
         record.update(val_dice=report.val_dice, val_mean=sum(values) / len(values) if values else None)
     if record:
-        train_log.append({"step": report.step, **record, "time": round(time.time(), 3)})
+        train_log.append(
+            {"step": report.step, **record, "elapsed_s": round(report.elapsed_s, 1), "time": round(time.time(), 3)}
+        )
 
 
 def _checkpoint(
@@ -247,6 +263,7 @@ def _checkpoint(
     step: int,
     key: dict[str, Any],
     val_dice: dict[str, float],
+    elapsed_s: float,
     ctx: DistContext,
 ) -> None:
     """Gather every rank's RNG state and let rank 0 write the checkpoint."""
@@ -267,6 +284,7 @@ def _checkpoint(
         "sampler": sampler.state_dict(),
         "config": key,
         "val_dice": dict(val_dice),
+        "elapsed_s": elapsed_s,
     }
     save_checkpoint(path, state)
     log.debug("checkpoint at step %d -> %s", step, path)

@@ -37,7 +37,7 @@ class AdapterCNN(AdaptMethod):
     description = "parallel zero-init 1x1x1 convs beside UNet encoder convs + head"
     config_cls = AdapterCNNConfig
     paper_lr = 1e-2
-    backbones = ("unet3d", "unet-small")
+    backbones = ("unet3d", "unet-small", "resunet")
 
     def inject(self, model: AdaptedModel) -> list[nn.Module]:
         """Attach one parallel ``1x1x1`` convolution to each encoder convolution.

@@ -196,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
                 "datasets": {name: len(cases) for name, cases in assembly.groups},
                 "train": to_dict(train),
                 "steps": result.step,
+                "elapsed_s": round(result.elapsed_s, 1),
                 "val_dice": result.val_dice,
             }
             path = save_model(result.model, out / "model.pt", extra)

@@ -21,8 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     actions = parser.add_subparsers(dest="zoo_action", metavar="ACTION", required=True)
     p_list = actions.add_parser("list", help="table of checkpoints and whether they are cached")
-    p_info = actions.add_parser("info", help="everything known about one checkpoint")
-    p_info.add_argument("name", metavar="NAME", help="checkpoint name (see 'fseft zoo list')")
+    p_info = actions.add_parser(
+        "info", help="everything known about one checkpoint or bundled model (recipe, measured Dice)"
+    )
+    p_info.add_argument("name", metavar="NAME", help="checkpoint or bundled model name (see 'fseft zoo list')")
     p_dl = actions.add_parser(
         "download", help="download one checkpoint (resumes a partial download, verifies sha256 when known)"
     )
@@ -44,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     if args.zoo_action == "list":
         _list(console, args.cache_dir)
+    elif args.zoo_action == "info" and args.name in _bundled_names():
+        _bundled_info(console, args.name)
     elif args.zoo_action == "info":
         _info(console, zoo.get_entry(args.name), args.cache_dir)
     else:
@@ -67,8 +71,62 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundled_names() -> list[str]:
+    from ..models.bundled_models import register_bundled
+
+    return register_bundled()
+
+
+def _bundled_info(console: Console, name: str) -> None:
+    """Recipe, training cost and measured accuracy of a bundled model."""
+    from ..models.bundled_models import recipe
+
+    info = recipe(name)
+    wall = info.get("wall_time_s")
+    rows = [
+        ("name", name),
+        ("description", info.get("description", "")),
+        ("structures", ", ".join(info.get("structures", []))),
+        ("training", f"{info.get('steps')} steps"
+         + (f", {wall / 3600:.2f} h wall time" if wall else "") + (f" on {info['machine']}" if info.get("machine") else "")),
+        ("commit", info.get("commit", "unknown")),
+        ("sha256", info.get("sha256", "unknown")),
+        *[("command", c) for c in info.get("commands", [])],
+    ]  # fmt: skip
+    table = Table(show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    evaluation = info.get("evaluation") or {}
+    val = info.get("validation_dice") or {}
+    scores = Table(title=f"{name}: accuracy per structure")
+    scores.add_column("structure")
+    scores.add_column("val Dice (model grid, end of training)", justify="right")
+    if evaluation:
+        for col in ("Dice", "HD95 mm", "NSD 2 mm"):
+            scores.add_column(f"{col} ({evaluation['cases']} held-out cases, input grid)", justify="right")
+    metrics = evaluation.get("metrics", {})
+    for s in info.get("structures", []):
+        row = [s, f"{val[s]:.3f}" if s in val else "-"]
+        if evaluation:
+            m = metrics.get(s)
+            row += [f"{m['dice']:.3f} ± {m['dice_std']:.3f}", f"{m['hd95']:.1f}", f"{m['nsd']:.3f}"] if m else ["-"] * 3
+        scores.add_row(*row)
+    console.print(scores)
+    if evaluation:
+        console.print(f"held-out mean Dice {evaluation['mean_dice']:.3f}; "
+                      f"prediction {evaluation['predict_seconds_per_volume']} s/volume ({evaluation.get('machine', '')})")  # fmt: skip
+    curve = info.get("learning_curve") or []
+    if curve:
+        points = ", ".join(f"{p['elapsed_s'] / 3600:.2f} h: {p['val_mean']:.3f}" for p in curve if p.get("elapsed_s"))
+        console.print(f"learning curve (training hours: mean validation Dice): {points}")
+
+
 def _list(console: Console, cache_dir: Path | None) -> None:
     from ..models import MODELS, zoo
+    from ..models.bundled_models import recipe
 
     table = Table(title="public checkpoints (fseft zoo)")
     table.add_column("name", no_wrap=True)
@@ -84,9 +142,19 @@ def _list(console: Console, cache_dir: Path | None) -> None:
             "yes" if zoo.cached_path(name, cache_dir).is_file() else "no",
         )
     console.print(table)
+    bundled = Table(title="bundled models (in the package, no download)")
+    for col in ("name", "structures", "held-out Dice", "description"):
+        bundled.add_column(col, overflow="fold", no_wrap=col == "name")
+    for name in _bundled_names():
+        info = recipe(name)
+        evaluation = info.get("evaluation") or {}
+        dice = f"{evaluation['mean_dice']:.3f} ({evaluation['cases']} cases)" if evaluation else "-"
+        bundled.add_row(name, str(len(info.get("structures", []))), dice, info.get("description", ""))
+    console.print(bundled)
     console.print("details: fseft zoo info NAME")
-    if len(MODELS):
-        console.print("registered models: " + ", ".join(MODELS.names()))
+    others = [n for n in MODELS.names() if n not in _bundled_names()]
+    if others:
+        console.print("other registered models: " + ", ".join(others))
 
 
 def _info(console: Console, entry, cache_dir: Path | None) -> None:  # noqa: ANN001 - ZooEntry, imported lazily

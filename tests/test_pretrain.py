@@ -297,7 +297,7 @@ def test_cli_pretrain_writes_model_log_and_refuses_to_overwrite(
     capsys.readouterr()
     assert main(_cli_args(synth_manifest, out, tmp_path / "cache")) == 2
     err = capsys.readouterr().err
-    assert "fseft: error:" in err and "checkpoint.pt exists" in err
+    assert "fseft: error:" in err and "checkpoint.pt: already exists; pass --resume" in err
 
 
 @pytest.mark.slow

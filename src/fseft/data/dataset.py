@@ -47,7 +47,7 @@ from .transforms import Mode, Pipeline, preprocess_transforms, sampling_transfor
 logger = logging.getLogger(__name__)
 
 #: Bump when the deterministic pipeline's code changes so old cache entries are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: Files up to this size are hashed whole; larger ones by size + first and last ``EDGE_BYTES``.
 FULL_HASH_BYTES = 4 << 20
 EDGE_BYTES = 1 << 20

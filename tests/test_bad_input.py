@@ -421,20 +421,27 @@ def test_pickled_code_checkpoint_message_gives_no_unsafe_advice(tmp_path) -> Non
         assert "weights_only" not in message and "\n" not in message
 
 
-def test_process_stderr_is_one_error_line_and_one_nibabel_warning(ws, tmp_path) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["predict", "adapt"])
+def test_process_stderr_is_one_error_line_and_one_nibabel_warning(ws, tmp_path, command: str) -> None:
     """The real process: no blank line before the error, nibabel's zero-pixdim warning printed once."""
-    image, _ = _case_files(tmp_path, "zero", "zero-pixdim")
+    manifest = _manifest(tmp_path, "zero", "zero-pixdim")
+    image = tmp_path / "zero0_img.nii.gz"
+    args = {
+        "predict": ["predict", str(image), "--out", str(tmp_path / "out")],
+        "adapt": ["adapt", "--support", str(manifest), "--structure", "pancreas", "--k", "1", "--out",
+                  str(tmp_path / "out" / "a.safetensors")],
+    }[command]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "fseft", "predict", str(image), "--model", str(ws["model"]), "--out",
-         str(tmp_path / "out"), "--device", "cpu"],
+        [sys.executable, "-m", "fseft", *args, "--model", str(ws["model"]), "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2
-    lines = proc.stderr.splitlines()
+    lines = (proc.stdout + proc.stderr).splitlines()
     assert sum("should be non-zero" in line for line in lines) <= 1, lines
     assert lines[-1].startswith(f"fseft: error: {image}: the affine is not invertible"), lines
-    assert "" not in lines, lines
+    assert "" not in [line.strip() for line in lines], lines
     assert not _files(tmp_path / "out")
 
 

@@ -288,17 +288,19 @@ class _ProgressBar:
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _ProgressBar:
-        self.bar.start()
-        return self
+        return self  # the bar starts with the first report: an early error leaves no empty bar line
 
     def __exit__(self, *exc: object) -> None:
         for stage, task in self.tasks.items():
             if stage == "train" and exc[0] is None:
                 done = self.bar.tasks[task].completed
                 self.bar.update(task, total=done)  # early stopping: the run is complete
-        self.bar.stop()
+        if self.tasks:
+            self.bar.stop()
 
     def __call__(self, report: Any) -> None:
+        if not self.tasks:
+            self.bar.start()
         if report.stage not in self.tasks:
             label = "caching features" if report.stage == "features" else "training"
             self.tasks[report.stage] = self.bar.add_task(label, total=report.total, info="")

@@ -4,8 +4,9 @@ Every case is checked independently and every problem becomes one :class:`Proble
 
 * errors: missing / unreadable / truncated / empty files, every problem the shared CT validation
   (:mod:`fseft.data.validate`) refuses (NaN or infinite voxels, a singular affine, a voxel spacing
-  outside the plausible range), label grids that do not cover the image's space, non-integer label values or values the template does not define, labelled cases
-  whose labels hold no structure, duplicate case ids and duplicate image contents, unknown templates;
+  outside the plausible range), label grids that do not cover the image's space, non-integer label
+  values or values the template does not define, labelled cases whose labels hold no structure,
+  duplicate case ids and duplicate image contents, unknown templates;
 * warnings: labels on another grid of the same space (resampled when loaded), implausible Hounsfield
   ranges, structures a case declares as annotated whose masks are empty.
 

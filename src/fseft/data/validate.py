@@ -79,7 +79,10 @@ class CTLimits:
             bound = int(voxels) if voxels else default.max_resampled_voxels
         except ValueError:
             raise ConfigError(f"{MAX_VOXELS_ENV}={voxels!r}: expected a whole number of voxels") from None
-        return cls((low, high), bound)
+        try:
+            return cls((low, high), bound)
+        except ConfigError as e:
+            raise ConfigError(f"{SPACING_ENV} / {MAX_VOXELS_ENV}: {e}") from None
 
 
 def _fmt(values: Sequence[float]) -> str:

@@ -214,8 +214,8 @@ def test_limits_are_overridable_and_the_resampled_size_is_bounded(monkeypatch) -
     assert resampled_shape(permuted, (1.0, 2.0, 3.0), "RAS") == (36 * 2, 30, 20)
     monkeypatch.setenv("FSEFT_MAX_RESAMPLED_VOXELS", str(120 * 120 * 108 - 1))
     with pytest.raises(DataError, match=r"ct.nii.gz: resampling .* 1,555,200 voxels, over the limit"):
-        validate_ct(image, spacing=(0.5, 0.5, 0.5))
-    assert validate_ct(image, spacing=(1.5, 1.5, 1.5)) is image
+        validate_ct(image, preprocess=PreprocessConfig(spacing=(0.5, 0.5, 0.5)))
+    assert validate_ct(image, preprocess=PreprocessConfig(spacing=(1.5, 1.5, 1.5))) is image
     monkeypatch.setenv("FSEFT_MAX_RESAMPLED_VOXELS", "many")
     with pytest.raises(ConfigError, match="FSEFT_MAX_RESAMPLED_VOXELS"):
         CTLimits.from_env()
@@ -450,3 +450,13 @@ def test_read_image_keeps_a_zero_nifti_voxel_size(tmp_path) -> None:
     assert read_image(image).spacing[2] == 0.0
     write_image(Image(np.zeros((4, 4, 4), np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "ok.nii.gz")
     assert read_image(tmp_path / "ok.nii.gz").spacing == (2.0, 2.0, 2.0)
+
+
+@pytest.mark.shared_data
+def test_real_ct_passes_and_the_same_ct_with_nan_voxels_is_refused(abdomen_dir: Path) -> None:
+    image = read_image(abdomen_dir / "ts_abdomen" / "ct.nii.gz")
+    assert ct_problems(image, preprocess=PreprocessConfig()) == []
+    broken = image.array.copy()
+    broken[tuple(slice(s // 2, s // 2 + 5) for s in image.shape)] = np.nan
+    with pytest.raises(DataError, match=r"ct.nii.gz: 125 NaN voxel\(s\)"):
+        validate_ct(image.with_array(broken), preprocess=PreprocessConfig())

@@ -147,13 +147,20 @@ def test_reader_crash_is_reported_not_raised(
     check_one_problem(tmp_path, capsys, row, Path(row["image"]), "IndexError: reader bug")
 
 
-def test_missing_file_and_duplicate_id_fail_the_manifest(
+def test_missing_files_are_listed_and_a_duplicate_id_fails_the_manifest(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     row = good_row(tmp_path, "missing")
     Path(row["label"]).unlink()
-    code, text = run_cli(capsys, str(manifest(tmp_path, [good_row(tmp_path), row])))
-    assert code == 2 and text.count("fseft: error:") == 1 and f"file not found: {row['label']}" in text
+    gone = good_row(tmp_path, "gone")
+    Path(gone["image"]).unlink()
+    report = tmp_path / "report.json"
+    code, _ = run_cli(capsys, str(manifest(tmp_path, [good_row(tmp_path), row, gone])), "--json", str(report))
+    errors = [p for p in json.loads(report.read_text(encoding="utf-8"))["problems"] if p["severity"] == "error"]
+    assert code == 1 and [(p["path"], p["message"]) for p in errors] == [
+        (row["label"], "file not found"),
+        (gone["image"], "file not found"),
+    ]
     code, text = run_cli(capsys, str(manifest(tmp_path, [good_row(tmp_path), good_row(tmp_path)])))
     assert code == 2 and "duplicate case id 'good'" in text and str(tmp_path / "manifest.csv") in text
     duplicate = [
@@ -189,7 +196,7 @@ def test_template_override_applies_to_every_label(tmp_path: Path, capsys: pytest
     rows[0]["label"] = str(write(tmp_path, "good_seg", label))
     assert run_cli(capsys, str(manifest(tmp_path, rows)))[0] == 0
     code, text = run_cli(
-        capsys, str(manifest(tmp_path, rows)), "--template", "openkbp-ptv", "--json", str(report)
+        capsys, str(manifest(tmp_path, rows)), "--template", "openkbp-ptv", "--json", str(report), "--overwrite"
     )
     assert code == 1 and "label value(s) 5 unknown to template 'openkbp-ptv'" in report.read_text(encoding="utf-8")
 

@@ -55,9 +55,9 @@ def load_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     real = data_io.load_case
 
-    def counting(case: Case, structures):
+    def counting(case: Case, structures, **kwargs):
         calls.append(case.case_id)
-        return real(case, structures)
+        return real(case, structures, **kwargs)
 
     monkeypatch.setattr(data_io, "load_case", counting)
     return calls

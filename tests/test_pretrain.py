@@ -17,7 +17,7 @@ import torch
 from monai.transforms import Compose, RandFlipd, RandSpatialCropSamplesd
 
 from fseft.config import PreprocessConfig
-from fseft.errors import CheckpointError, ConfigError, DataError
+from fseft.errors import CheckpointError, ConfigError, DataError, TrainingError
 from fseft.models.config import ModelConfig
 from fseft.models.foundation import FoundationModel, build_model
 from fseft.runtime import DistContext, capture_rng_state, restore_rng_state, seed_everything
@@ -235,6 +235,21 @@ def test_pretrain_trains_logs_checkpoints_and_validates(tmp_path: Path) -> None:
         pretrain(tiny_model(), sources, STRUCTURES, _cfg(lr=1e-3), tmp_path, resume=True)
 
 
+def test_non_finite_loss_stops_with_an_error_and_no_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import fseft.training.pretrain as loop
+
+    real = loop.PartialLabelLoss
+
+    class Diverging(real):
+        def forward(self, *args: Any) -> torch.Tensor:
+            return super().forward(*args) * float("nan")
+
+    monkeypatch.setattr(loop, "PartialLabelLoss", Diverging)
+    with pytest.raises(TrainingError, match="step 1: the loss is nan .*nothing was written"):
+        pretrain(tiny_model(), toy_sources(), STRUCTURES, _cfg(), tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 class _Crash(Exception):
     pass
 
@@ -314,7 +329,7 @@ def test_cli_pretrain_writes_model_log_and_refuses_to_overwrite(
     capsys.readouterr()
     assert main(_cli_args(synth_manifest, out, tmp_path / "cache")) == 2
     err = capsys.readouterr().err
-    assert "fseft: error:" in err and "checkpoint.pt exists" in err
+    assert "fseft: error:" in err and "checkpoint.pt: already exists; pass --resume" in err
 
 
 @pytest.mark.slow

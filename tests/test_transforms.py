@@ -46,7 +46,7 @@ def fake_case(monkeypatch: pytest.MonkeyPatch) -> dict:
     annotated = np.array([True, True, False])
     state = {"image": image, "label": label, "annotated": annotated, "calls": 0}
 
-    def load_case(case: Case, structures) -> SimpleNamespace:
+    def load_case(case: Case, structures, preprocess=None) -> SimpleNamespace:
         assert tuple(structures) == STRUCTURES
         state["calls"] += 1
         return SimpleNamespace(

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("nibabel.global").propagate = False  # nibabel prints its header warnings itself
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

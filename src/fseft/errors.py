@@ -23,3 +23,11 @@ class ConfigError(FseftError):
 
 class CheckpointError(FseftError):
     """A checkpoint cannot be loaded safely or does not match the model."""
+
+
+class OutputError(FseftError):
+    """An output exists (and replacing it was not asked for) or its location cannot be written."""
+
+
+class TrainingError(FseftError):
+    """Training cannot go on (a non-finite loss); nothing of the failed run is written."""

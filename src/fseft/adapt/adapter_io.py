@@ -9,18 +9,22 @@ Format: one safetensors file (suffix ``.safetensors``). Its tensors are
 
 Loading re-applies the method to the base model (same structure, same names) and copies the tensors
 in; a base whose fingerprint differs from the recorded one is refused. safetensors holds no code, so
-loading never executes anything.
+loading never executes anything. Loading refuses structure names outside the anatomy catalogue (a
+typo in a header would otherwise name the outputs) and tensors holding NaN or infinite values (they
+would give silently empty masks).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..anatomy import canonical
 from ..config import from_dict, to_dict
 from ..errors import CheckpointError, ConfigError
 from ..io_utils import atomic_path
@@ -47,10 +51,14 @@ def save_adapter(
         The path written.
 
     Raises:
-        ConfigError: when ``record`` is not JSON-serialisable.
+        ConfigError: when ``record`` is not JSON-serialisable, a structure is not a catalogue name, or
+            a trained tensor holds NaN or infinite values.
     """
     from safetensors.torch import save_file
 
+    unknown = _unknown_structures(adapted.structures)
+    if unknown:
+        raise ConfigError(f"{path}: adapters are written for catalogue structures: {'; '.join(unknown)}")
     base = adapted.base
     header = {
         "format": FORMAT,
@@ -71,6 +79,9 @@ def save_adapter(
     except (TypeError, ValueError) as e:
         raise ConfigError(f"adapter record for {path} is not JSON-serialisable: {e}") from None
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in adapted.trainable_state_dict().items()}
+    bad = _non_finite(tensors)
+    if bad:
+        raise ConfigError(f"{path}: not written: {bad}")
     final = Path(path)
     with atomic_path(final) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: meta})
@@ -81,7 +92,8 @@ def read_adapter_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON header of an adapter file (method, config, structures, task, preprocessing, record...).
 
     Raises:
-        CheckpointError: naming the file when it is missing, unreadable or not an fseft adapter.
+        CheckpointError: naming the file when it is missing, unreadable, not an fseft adapter, or its
+            structures are not catalogue names.
     """
     from safetensors import safe_open
 
@@ -105,7 +117,36 @@ def read_adapter_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(
             f"{p}: adapter format version {header.get('version')!r} is newer than supported ({VERSION})"
         )
+    structures = header.get("structures")
+    if not isinstance(structures, list) or not structures or not all(isinstance(s, str) for s in structures):
+        raise CheckpointError(f"{p}: the adapter header lists no structure names")
+    unknown = _unknown_structures(structures)
+    if unknown:
+        raise CheckpointError(f"{p}: the adapter header names {'; '.join(unknown)}")
     return header
+
+
+def _unknown_structures(names: Sequence[str]) -> list[str]:
+    """The names that are not canonical catalogue names, with the closest ones when any."""
+    unknown = []
+    for name in names:
+        try:
+            if canonical(name) == name:
+                continue
+            unknown.append(f"{name!r} (canonical: {canonical(name)!r})")
+        except ConfigError as e:
+            unknown.append(str(e))
+    return unknown
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """``"tensor NAME holds N NaN/infinite value(s)"`` for the first such tensor, if any."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                return f"tensor {name} holds {count} NaN or infinite value(s)"
+    return None
 
 
 def load_adapter(path: str | os.PathLike[str], base: FoundationModel) -> AdaptedModel:
@@ -119,8 +160,9 @@ def load_adapter(path: str | os.PathLike[str], base: FoundationModel) -> Adapted
         The :class:`AdaptedModel` (eval mode), on ``base``'s device.
 
     Raises:
-        CheckpointError: naming the file when it is unreadable, was trained on a different base
-            model, or its tensors do not match what the method trains.
+        CheckpointError: naming the file when it is unreadable, names unknown structures, was trained
+            on a different base model, or its tensors do not match what the method trains or hold NaN
+            or infinite values.
     """
     from safetensors.torch import load_file
 
@@ -152,6 +194,9 @@ def load_adapter(path: str | os.PathLike[str], base: FoundationModel) -> Adapted
         raise CheckpointError(
             f"{p}: tensor {bad[0]} is {tuple(got.shape)} {got.dtype}, expected {tuple(want.shape)} {want.dtype}"
         )
+    bad = _non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{p}: {bad}; the adapter is unusable (was its training diverging?)")
     with torch.no_grad():
         adapted.load_state_dict(tensors, strict=False)
     return adapted.eval()

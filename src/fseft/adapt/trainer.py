@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from .early_stopping import PlateauStopper
 from .feature_cache import FeatureCache
 from .support import CropSampler, SupportVolume, crop
@@ -147,8 +147,7 @@ class FitResult:
         loss_curve: Mean training loss per epoch.
         val_loss_curve: Validation loss per epoch (empty without a validation case).
         epochs_run: Epochs trained.
-        stop_reason: ``"plateau"``, ``"val-plateau"``, ``"max-epochs"``, ``"non-finite-loss"`` or
-            ``"nothing-to-train"``.
+        stop_reason: ``"plateau"``, ``"val-plateau"``, ``"max-epochs"`` or ``"nothing-to-train"``.
         lr: Peak learning rate used.
         feature_time_s: Seconds spent caching features (0 on the naive path).
         train_time_s: Seconds spent in the epochs.
@@ -250,6 +249,7 @@ def fit(
 
     Raises:
         ConfigError: on an empty support, ``monitor="val"`` without a validation volume, or an unknown path.
+        TrainingError: the training or validation loss is not finite (the model must not be saved).
     """
     if not volumes:
         raise ConfigError("the support set is empty")
@@ -350,6 +350,7 @@ def _epochs(
             else:
                 logits = adapted(torch.stack([crop(volumes[i].image, s, roi) for s in starts]).to(device))
             loss = loss_fn(logits, label)
+            _require_finite(float(loss.detach()), "training", epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -360,11 +361,11 @@ def _epochs(
         val_loss = None
         if validation is not None:
             val_loss = validation_loss(adapted, validation, task, cfg, device, cache, k)
+            _require_finite(val_loss, "validation", epoch)
             result.val_loss_curve.append(val_loss)
         result.train_time_s = time.perf_counter() - start
         watched = val_loss if monitor == "val" and val_loss is not None else result.loss_curve[-1]
-        finite = bool(np.isfinite(watched))
-        plateau = stopper.update(watched) and cfg.early_stopping and finite
+        plateau = stopper.update(watched) and cfg.early_stopping
         if progress is not None:
             report = EpochReport(
                 "train",
@@ -378,14 +379,19 @@ def _epochs(
             if progress(report) is True:  # a new phase: the plateau rule starts over
                 stopper = PlateauStopper(cfg.es_window, cfg.es_patience, cfg.es_min_delta)
                 plateau = False
-        if not finite:
-            result.stop_reason = "non-finite-loss"
-            logger.warning("adaptation stopped at epoch %d: the loss is not finite", epoch + 1)
-            return
         if plateau:
             result.stop_reason = "val-plateau" if monitor == "val" else "plateau"
             return
     result.stop_reason = "max-epochs"
+
+
+def _require_finite(loss: float, which: str, epoch: int) -> None:
+    """Refuse a NaN / infinite loss: the weights it leads to would give silently wrong masks."""
+    if not np.isfinite(loss):
+        raise TrainingError(
+            f"adaptation stopped at epoch {epoch + 1}: the {which} loss is {loss} (not finite), so the "
+            "trained weights are unusable and nothing was written; try a lower --lr"
+        )
 
 
 @torch.no_grad()

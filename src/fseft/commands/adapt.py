@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from ..io_utils import write_json_atomic
+from ..outputs import plan_outputs
 
 #: Model used when ``--model`` is not given, if it is registered.
 DEFAULT_MODEL = "unet-small.synth"
@@ -34,7 +35,7 @@ class AdaptCommandConfig:
         val_case: Held-out validation case id (early stopping then watches its loss).
         cache_features: True: require cached black-box training, False: naive path, None: automatic.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        overwrite: Replace an existing adapter file.
+        overwrite: Replace an existing adapter file and record.
         transductive: Constrained transductive options (None: plain adaptation); the size priors
             and these options are stored in the adapter for ``fseft predict --transductive``.
         queries: Unlabelled query manifest of the batch-mode constraint.
@@ -64,8 +65,7 @@ class AdaptCommandConfig:
             raise ConfigError("--structure is empty; name at least one structure")
         if self.out.suffix != ".safetensors":
             raise ConfigError(f"--out {self.out}: the adapter file must end in .safetensors")
-        if self.out.exists() and not self.overwrite:
-            raise ConfigError(f"--out {self.out}: file exists (pass --overwrite to replace it)")
+        plan_outputs([self.out, self.record_path], overwrite=self.overwrite)
 
     @property
     def record_path(self) -> Path:
@@ -126,7 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", required=True, type=Path, help="adapter file to write (.safetensors)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing adapter file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing adapter file and record")
     tx = parser.add_argument_group(
         "constrained transductive inference",
         "learn the targets' size (proportion of the body) from the support masks, store it in the adapter "
@@ -288,17 +288,19 @@ class _ProgressBar:
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _ProgressBar:
-        self.bar.start()
-        return self
+        return self  # the bar starts with the first report: an early error leaves no empty bar line
 
     def __exit__(self, *exc: object) -> None:
         for stage, task in self.tasks.items():
             if stage == "train" and exc[0] is None:
                 done = self.bar.tasks[task].completed
                 self.bar.update(task, total=done)  # early stopping: the run is complete
-        self.bar.stop()
+        if self.tasks:
+            self.bar.stop()
 
     def __call__(self, report: Any) -> None:
+        if not self.tasks:
+            self.bar.start()
         if report.stage not in self.tasks:
             label = "caching features" if report.stage == "features" else "training"
             self.tasks[report.stage] = self.bar.add_task(label, total=report.total, info="")

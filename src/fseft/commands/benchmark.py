@@ -90,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..benchmark import load_protocol, merge, run_benchmark, write_results
+    from ..outputs import plan_outputs
 
     cfg = _config(args)
+    plan_outputs(folders=[cfg.out])  # a run resumes from what the folder holds
     console = Console()
     if cfg.merge:
         protocol = load_protocol(cfg.protocol) if cfg.protocol else None

@@ -20,9 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "check-data",
         help="check a dataset's images and labels for problems before using them",
         description="Read every image and label of a manifest and report, one line per problem naming the "
-        "file: unreadable or truncated files, NaN/inf voxels, label grids that do not match their image "
+        "file: missing, unreadable or truncated files, NaN/inf voxels, singular affines, voxel spacings outside "
+        "the plausible CT range (0.1-20 mm, FSEFT_SPACING_RANGE), label grids that do not match their image "
         "(errors) or must be resampled (warnings), label values unknown to the template, empty labels, "
-        "declared structures with empty masks, duplicate cases, implausible HU ranges or spacings. "
+        "declared structures with empty masks, duplicate cases, implausible HU ranges (warnings). "
         "Exit code 0 when there are no errors (no warnings either with --strict).",
     )
     parser.add_argument(
@@ -40,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--json", type=Path, default=None, metavar="OUT", help="also write the report as JSON to OUT"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--strict", action="store_true", help="fail on warnings too")
     parser.set_defaults(func=run)
 
@@ -48,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
     """Check the manifest, print the problems table and summary; 0 only when the check passes."""
     from ..data.check import check_manifest
     from ..io_utils import write_json_atomic
+    from ..outputs import plan_outputs
 
+    if args.json is not None:
+        plan_outputs([args.json], overwrite=args.overwrite)
     console = Console()
     with progress_bar(console) as progress:
         task = progress.add_task("checking", total=None)

@@ -66,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..benchmark import run_benchmark
     from ..models import DEFAULT_MODEL, MODELS
+    from ..outputs import plan_outputs
     from .benchmark import CellProgress, show_outputs
 
     cfg = DemoConfig(out=args.out, quick=args.quick, model=args.model)
+    plan_outputs(folders=[cfg.out])  # an interrupted demo resumes from what the folder holds
     if cfg.model is None and DEFAULT_MODEL not in MODELS:
         raise ConfigError(f"the bundled model {DEFAULT_MODEL!r} is not installed; pass --model FILE")
     console = Console()

@@ -32,6 +32,7 @@ from ..evaluation.files import (
 )
 from ..evaluation.metrics import StructureMetrics
 from ..io_utils import atomic_path
+from ..outputs import plan_outputs
 
 #: Output file names inside ``--out``.
 PER_CASE_CSV = "metrics_per_case.csv"
@@ -177,9 +178,7 @@ def _output_paths(cfg: EvaluateConfig) -> dict[str, Path]:
     if cfg.out.exists() and not cfg.out.is_dir():
         raise ConfigError(f"{cfg.out}: --out must be a folder, not a file")
     targets = {name: cfg.out / name for name in (PER_CASE_CSV, SUMMARY_CSV, METRICS_JSON)}
-    for path in targets.values():
-        if path.exists() and not cfg.overwrite:
-            raise ConfigError(f"{path}: already exists; pass --overwrite to replace it")
+    plan_outputs(targets.values(), overwrite=cfg.overwrite)
     return targets
 
 

@@ -96,9 +96,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import ConfigError
     from ..inference import OutputConfig, PredictConfig, find_inputs, predict_files
+    from ..outputs import plan_outputs
 
     if args.constraint and not args.transductive:
         raise ConfigError("--constraint needs --transductive")
+    plan_outputs(folders=[args.out])
     config = PredictConfig(
         overlap=args.overlap,
         sw_batch_size=args.sw_batch_size,

@@ -149,8 +149,10 @@ def run(args: argparse.Namespace) -> int:
     from ..config import to_dict
     from ..data.dataset import CachedCaseDataset
     from ..models import ModelConfig, build_model, save_model
+    from ..outputs import plan_outputs
     from ..runtime import barrier, distributed_session, seed_everything
     from ..training.assembly import data_key, resolve_assembly
+    from ..training.checkpointing import CHECKPOINT_NAME, LOG_NAME
     from ..training.pretrain import pretrain
 
     assembly_cfg, preprocess, train = _configs(args)
@@ -158,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         log.warning("--grad-checkpoint applies to SwinUNETR only: ignored for %s", args.model_arch)
     out: Path = args.out
     cache_dir = args.cache_dir or out / "cache"
+    plan_outputs([out / CHECKPOINT_NAME, out / "model.pt", out / LOG_NAME], folders=[cache_dir],
+                 overwrite=args.resume, hint="pass --resume to continue that run, or use another output folder")  # fmt: skip
     with distributed_session(train.device) as ctx:
         console = Console(stderr=True, quiet=not ctx.is_main)
         if not ctx.is_main:  # rank 0 speaks for the job

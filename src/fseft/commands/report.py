@@ -52,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..errors import ConfigError
+    from ..outputs import plan_outputs
     from ..report import build_report, find_overlay_cases
 
-    if args.out.exists() and not args.overwrite:
-        raise ConfigError(f"{args.out}: already exists; pass --overwrite to replace it")
+    plan_outputs([args.out], overwrite=args.overwrite)
     if args.max_cases < 0:
         raise ConfigError(f"--max-cases must be >= 0, got {args.max_cases}")
     recorded, ranking = _recorded(args.evaluation)

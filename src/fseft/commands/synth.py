@@ -66,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ..data.synth import SynthConfig, generate_assembly
+    from ..outputs import plan_outputs
 
     cfg = SynthConfig.from_preset(args.preset, cases=args.cases, seed=args.seed, workers=args.workers)
+    plan_outputs(folders=[args.out])
     console = Console()
     with console.status(f"generating {cfg.cases} synthetic cases ({cfg.preset} preset, seed {cfg.seed})"):
         assembly = generate_assembly(

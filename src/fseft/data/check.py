@@ -2,11 +2,13 @@
 
 Every case is checked independently and every problem becomes one :class:`Problem` naming the file:
 
-* errors: unreadable / truncated / empty files, NaN or inf voxels, label grids that do not cover the
-  image's space, non-integer label values or values the template does not define, labelled cases
-  whose labels hold no structure, duplicate case ids and duplicate image contents, unknown templates;
+* errors: missing / unreadable / truncated / empty files, every problem the shared CT validation
+  (:mod:`fseft.data.validate`) refuses (NaN or infinite voxels, a singular affine, a voxel spacing
+  outside the plausible range), label grids that do not cover the image's space, non-integer label
+  values or values the template does not define, labelled cases whose labels hold no structure,
+  duplicate case ids and duplicate image contents, unknown templates;
 * warnings: labels on another grid of the same space (resampled when loaded), implausible Hounsfield
-  ranges or spacings, structures a case declares as annotated whose masks are empty.
+  ranges, structures a case declares as annotated whose masks are empty.
 
 Nothing a broken input does is fatal: reader exceptions of any kind become error problems.
 """
@@ -14,7 +16,6 @@ Nothing a broken input does is fatal: reader exceptions of any kind become error
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,13 +30,13 @@ from .cases import Case, LabelSource
 from .dataset import file_fingerprint
 from .geometry import align_label
 from .image import Image
+from .validate import CTLimits, ct_problems
 
 logger = logging.getLogger(__name__)
 
 Severity = Literal["error", "warning"]
-#: Plausible CT values (HU) and voxel sizes (mm); outside them is a warning.
+#: Plausible CT values (HU); outside them is a warning.
 HU_LIMITS = (-3000.0, 10000.0)
-SPACING_LIMITS_MM = (0.1, 20.0)
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,10 @@ def _with_parts(template: DatasetTemplate, structures: set[str]) -> set[str]:
 class _CaseChecker:
     """Collects the problems of one case."""
 
-    def __init__(self, case: Case, template_override: str | None) -> None:
+    def __init__(self, case: Case, template_override: str | None, limits: CTLimits) -> None:
         self.case = case
         self.template_override = template_override
+        self.limits = limits
         self.problems: list[Problem] = []
 
     def add(self, severity: Severity, path: Path | str, message: str) -> None:
@@ -147,12 +149,10 @@ class _CaseChecker:
         return self.problems
 
     def check_image(self, image: Image) -> None:
-        path, array = self.case.image, image.array
-        finite = np.isfinite(array)
-        if not finite.all():
-            nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
-            self.add("error", path, f"{nan} NaN and {inf} infinite voxel(s)")
-            array = array[finite]
+        path = self.case.image
+        for problem in ct_problems(image, self.limits):
+            self.add("error", path, problem)
+        array = image.array[np.isfinite(image.array)]
         if array.size:
             low, high = float(array.min()), float(array.max())
             if high < 0 or low > -500 or low < HU_LIMITS[0] or high > HU_LIMITS[1]:
@@ -162,14 +162,6 @@ class _CaseChecker:
                     f"implausible CT intensities [{low:g}, {high:g}] (expected Hounsfield units: air near -1000, "
                     f"within [{HU_LIMITS[0]:g}, {HU_LIMITS[1]:g}])",
                 )
-        spacing = image.spacing
-        if not all(math.isfinite(s) and SPACING_LIMITS_MM[0] <= s <= SPACING_LIMITS_MM[1] for s in spacing):
-            shown = ", ".join(f"{s:.4g}" for s in spacing)
-            self.add(
-                "warning",
-                path,
-                f"implausible voxel spacing ({shown}) mm, expected {SPACING_LIMITS_MM[0]}-{SPACING_LIMITS_MM[1]} mm",
-            )
 
     def template(self, source: LabelSource) -> DatasetTemplate:
         return get_template(self.template_override or source.template)
@@ -290,15 +282,16 @@ def check_cases(
         The report.
 
     Raises:
-        ConfigError: when ``template`` is given and unknown.
+        ConfigError: when ``template`` is given and unknown, or a ``FSEFT_*`` limit cannot be parsed.
     """
     if template is not None:
         get_template(template)
+    limits = CTLimits.from_env()
     report = CheckReport(cases=len(cases), source=source)
     seen_ids: dict[str, Path] = {}
     seen_content: dict[str, Case] = {}
     for case in cases:
-        checker = _CaseChecker(case, template)
+        checker = _CaseChecker(case, template, limits)
         if case.case_id in seen_ids:
             checker.add(
                 "error",
@@ -326,7 +319,7 @@ def check_cases(
 def check_manifest(
     path: str | Path, template: str | None = None, on_case: Callable[[Case], None] | None = None
 ) -> CheckReport:
-    """Parse a manifest and check its cases (see :func:`check_cases`).
+    """Parse a manifest and check its cases (see :func:`check_cases`); missing files are reported, not raised.
 
     Args:
         path: Any manifest :func:`fseft.data.manifests.load_manifest` reads.
@@ -337,12 +330,12 @@ def check_manifest(
         The report.
 
     Raises:
-        FseftError: when the manifest itself cannot be parsed (missing file or column, duplicate id...).
+        FseftError: when the manifest itself cannot be parsed (missing manifest or column, duplicate id...).
     """
     from .manifests import load_manifest
 
-    cases = load_manifest(path, template=template)
+    cases = load_manifest(path, template=template, require_files=False)
     return check_cases(cases, template=template, on_case=on_case, source=str(path))
 
 
-__all__ = ["HU_LIMITS", "SPACING_LIMITS_MM", "CheckReport", "Problem", "check_cases", "check_manifest"]
+__all__ = ["HU_LIMITS", "CheckReport", "Problem", "check_cases", "check_manifest"]

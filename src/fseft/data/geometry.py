@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from ..errors import GeometryError
 from .image import Image
+from .validate import affine_problem
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +105,14 @@ def align_label(label: Image, reference: Image, *, tol_mm: float = DEFAULT_TOL_M
         (same dtype as ``label.array``, ``path`` kept from ``label``).
 
     Raises:
-        GeometryError: The grids do not cover the same physical space; the message names both files
-            and compares shapes, spacings, origins and extents.
+        GeometryError: The label's affine is singular, or the grids do not cover the same physical
+            space; the message names both files and compares shapes, spacings, origins and extents.
     """
     if check_same_grid(label, reference, tol_mm=tol_mm):
         return label
+    singular = affine_problem(label.affine)
+    if singular is not None:
+        raise GeometryError(f"{label.name}: {singular}")
     if not same_space(label, reference, tol_mm=tol_mm):
         raise GeometryError(
             f"{label.name}: label grid does not cover the same space as image {reference.name}: "

@@ -22,11 +22,13 @@ import SimpleITK as sitk
 from numpy.typing import DTypeLike
 
 from ..anatomy import DatasetTemplate, get_template
+from ..config import PreprocessConfig
 from ..errors import ConfigError, DataError
 from ..io_utils import atomic_path
 from .cases import Case, LabelSource
 from .geometry import align_label
 from .image import Image
+from .validate import validate_ct
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,9 @@ def read_image(path: str | os.PathLike[str], *, dtype: DTypeLike | None = np.flo
             series the one with the most slices is read; slices are ordered by position; rescale
             slope/intercept are applied, giving HU).
         dtype: Voxel type of the returned array; ``None`` keeps the stored type (after NIfTI
-            scaling). NaN and inf values are returned as they are (``fseft check-data`` reports them).
+            scaling). NaN and inf values, and singular affines (a NIfTI voxel size of 0 included,
+            which nibabel would replace by 1 mm), are returned as they are: :mod:`fseft.data.validate`
+            refuses them.
 
     Returns:
         The image, with ``path`` set.
@@ -121,7 +125,14 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: truncated or corrupt file ({_one_line(e)})") from e
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError, ValueError) as e:
         raise DataError(f"{path}: not a readable NIfTI image ({_one_line(e)})") from e
-    return array, nifti.affine
+    affine = np.array(nifti.affine, dtype=np.float64)
+    if int(nifti.header["sform_code"]) == 0:
+        # nibabel replaces a zero pixdim by 1 mm while loading: keep the zero (read from the header as
+        # stored), so the unknown voxel size is refused instead of guessed
+        with nib.openers.ImageOpener(path) as f:
+            stored = type(nifti.header).from_fileobj(f, check=False)
+        affine[:3, :3][:, np.asarray(stored["pixdim"][1:4]) == 0] = 0.0
+    return array, affine
 
 
 def _read_sitk_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -313,8 +324,13 @@ class CaseVolume:
     annotated: np.ndarray
 
 
-def load_case(case: Case, structures: Sequence[str]) -> CaseVolume:
+def load_case(
+    case: Case, structures: Sequence[str], *, preprocess: PreprocessConfig | None = None
+) -> CaseVolume:
     """Read a case's image and labels as one index map over ``structures``.
+
+    The image goes through :func:`fseft.data.validate.validate_ct` as soon as it is read, before its
+    labels.
 
     Label sources are applied in order, and within a source structures in the order of
     ``structures``; a voxel already claimed keeps its value. A structure is annotated when the case
@@ -324,13 +340,14 @@ def load_case(case: Case, structures: Sequence[str]) -> CaseVolume:
     Args:
         case: The case to load.
         structures: Canonical structure names; index ``i`` becomes label value ``i + 1``.
+        preprocess: The model's preprocessing, for the resampled-size bound of the validation.
 
     Returns:
         The loaded :class:`CaseVolume`.
 
     Raises:
         ConfigError: ``structures`` has duplicates or more than 255 names.
-        DataError: An image or label cannot be read, or ``case.structures`` names one of
+        DataError: An image or label cannot be read, the image fails the validation, or ``case.structures`` names one of
             ``structures`` that its label sources do not provide.
         GeometryError: A label does not cover the image's physical space.
     """
@@ -339,7 +356,7 @@ def load_case(case: Case, structures: Sequence[str]) -> CaseVolume:
         raise ConfigError(f"duplicate structure names in {structures}")
     if len(structures) > np.iinfo(np.uint8).max:
         raise ConfigError(f"at most 255 structures fit a uint8 label map, got {len(structures)}")
-    image = read_image(case.image)
+    image = validate_ct(read_image(case.image), preprocess=preprocess)
     label = np.zeros(image.shape, dtype=np.uint8)
     provided: set[str] = set()
     declared: set[str] = set(case.structures) if case.structures is not None else set()

@@ -40,7 +40,11 @@ _CSV_COLUMNS = ("case_id", "image", "label", "template", "dataset", "site", "str
 
 
 def load_manifest(
-    path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None, template: str | None = None
+    path: str | os.PathLike[str],
+    *,
+    root: str | os.PathLike[str] | None = None,
+    template: str | None = None,
+    require_files: bool = True,
 ) -> list[Case]:
     """Parse a manifest into cases, checking that every referenced file exists.
 
@@ -52,6 +56,8 @@ def load_manifest(
         template: Template for label files when the manifest does not name one (CSV without a
             ``template`` column, ``dataset.json``; without it a ``dataset.json`` gets an inline
             template built from its ``labels``).
+        require_files: Refuse a missing image or label file; ``False`` lets them through (``fseft
+            check-data`` reports every missing file instead of stopping at the first).
 
     Returns:
         The cases in manifest order.
@@ -75,9 +81,9 @@ def load_manifest(
             return _load_totalsegmentator(path)
     base = Path(root) if root is not None else path.parent
     if path.suffix.lower() == ".json":
-        cases = _load_dataset_json(path, base, template)
+        cases = _load_dataset_json(path, base, template, require_files)
     elif path.suffix.lower() == ".csv":
-        cases = _load_csv(path, base, template)
+        cases = _load_csv(path, base, template, require_files)
     else:
         raise DataError(f"{path}: unknown manifest format (expected .csv, dataset.json or a folder)")
     _check_unique(cases, path)
@@ -136,8 +142,8 @@ def _check_unique(cases: Sequence[Case], manifest: Path) -> None:
         seen[case.case_id] = index
 
 
-def _existing(path: Path, where: str) -> Path:
-    if not path.exists():
+def _existing(path: Path, where: str, required: bool) -> Path:
+    if required and not path.exists():
         raise DataError(f"{where}: file not found: {path}")
     return path
 
@@ -180,10 +186,10 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str
     return columns, rows
 
 
-def _load_csv(path: Path, base: Path, default_template: str | None) -> list[Case]:
+def _load_csv(path: Path, base: Path, default_template: str | None, required: bool) -> list[Case]:
     columns, rows = _read_csv_rows(path)
     if _OPENKBP_COLUMNS <= set(columns):
-        return _load_openkbp(path, base, rows)
+        return _load_openkbp(path, base, rows, required)
     if "image" not in columns:
         raise DataError(f"{path}: missing column 'image' (columns: {', '.join(columns)})")
     known = {"case", *(_CSV_COLUMNS)}
@@ -192,7 +198,7 @@ def _load_csv(path: Path, base: Path, default_template: str | None) -> list[Case
         where = f"{path}: line {line}"
         if not row.get("image"):
             raise DataError(f"{where}: empty 'image'")
-        image = _existing(_absolute(base / row["image"]), where)
+        image = _existing(_absolute(base / row["image"]), where, required)
         label_paths = [p.strip() for p in row.get("label", "").split(";") if p.strip()]
         templates = [t.strip() for t in row.get("template", "").split(";") if t.strip()]
         if label_paths and not templates:
@@ -211,7 +217,7 @@ def _load_csv(path: Path, base: Path, default_template: str | None) -> list[Case
             except ConfigError as e:
                 raise DataError(f"{where}: {e}") from e
         labels = tuple(
-            LabelSource(_existing(_absolute(base / p), where), t)
+            LabelSource(_existing(_absolute(base / p), where, required), t)
             for p, t in zip(label_paths, templates, strict=True)
         )
         cases.append(
@@ -229,7 +235,9 @@ def _load_csv(path: Path, base: Path, default_template: str | None) -> list[Case
     return cases
 
 
-def _load_openkbp(path: Path, base: Path, rows: list[tuple[int, dict[str, str]]]) -> list[Case]:
+def _load_openkbp(
+    path: Path, base: Path, rows: list[tuple[int, dict[str, str]]], required: bool
+) -> list[Case]:
     ptv_structures = get_template(OPENKBP_PTV_TEMPLATE).structures
     cases = []
     for line, row in rows:
@@ -239,15 +247,15 @@ def _load_openkbp(path: Path, base: Path, rows: list[tuple[int, dict[str, str]]]
         labels = []
         structures: list[str] = []
         if row["label"]:
-            labels.append(LabelSource(_existing(_absolute(base / row["label"]), where), OPENKBP_TEMPLATE))
+            labels.append(LabelSource(_existing(_absolute(base / row["label"]), where, required), OPENKBP_TEMPLATE))
             structures.extend(_canonical_list(row["structures"], where) or ())
         if row["ptv"]:
-            labels.append(LabelSource(_existing(_absolute(base / row["ptv"]), where), OPENKBP_PTV_TEMPLATE))
+            labels.append(LabelSource(_existing(_absolute(base / row["ptv"]), where, required), OPENKBP_PTV_TEMPLATE))
             structures.extend(ptv_structures)
         cases.append(
             Case(
                 case_id=row["case"],
-                image=_existing(_absolute(base / row["image"]), where),
+                image=_existing(_absolute(base / row["image"]), where, required),
                 labels=tuple(labels),
                 dataset="openkbp",
                 structures=tuple(structures),
@@ -261,7 +269,7 @@ def _load_openkbp(path: Path, base: Path, rows: list[tuple[int, dict[str, str]]]
 # --- MSD / nnU-Net dataset.json --------------------------------------------------------------------
 
 
-def _load_dataset_json(path: Path, base: Path, template: str | None) -> list[Case]:
+def _load_dataset_json(path: Path, base: Path, template: str | None, required: bool) -> list[Case]:
     try:
         spec: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -272,9 +280,9 @@ def _load_dataset_json(path: Path, base: Path, template: str | None) -> list[Cas
     values = _json_label_values(spec["labels"], path)
     template_name = template or _inline_template(f"{dataset}-inline", values, path)
     if "training" in spec:
-        pairs = _msd_pairs(spec["training"], base, path)
+        pairs = _msd_pairs(spec["training"], base, path, required)
     elif "file_ending" in spec:
-        pairs = _nnunet_pairs(spec, base, path)
+        pairs = _nnunet_pairs(spec, base, path, required)
     else:
         raise DataError(f"{path}: neither an MSD ('training') nor an nnU-Net v2 ('file_ending') dataset.json")
     return [
@@ -314,7 +322,7 @@ def _inline_template(name: str, values: dict[int, str], path: Path) -> str:
         raise DataError(f"{e}; pass --template NAME to use a declared template") from e
 
 
-def _msd_pairs(entries: Any, base: Path, path: Path) -> list[tuple[str, Path, Path]]:
+def _msd_pairs(entries: Any, base: Path, path: Path, required: bool) -> list[tuple[str, Path, Path]]:
     if not isinstance(entries, list):
         raise DataError(f"{path}: 'training' must be a list of {{'image', 'label'}}")
     pairs = []
@@ -322,13 +330,15 @@ def _msd_pairs(entries: Any, base: Path, path: Path) -> list[tuple[str, Path, Pa
         where = f"{path}: training[{number - 1}]"
         if not isinstance(entry, dict) or not entry.get("image") or not entry.get("label"):
             raise DataError(f"{where}: needs 'image' and 'label'")
-        image = _existing(_absolute(base / entry["image"]), where)
-        label = _existing(_absolute(base / entry["label"]), where)
+        image = _existing(_absolute(base / entry["image"]), where, required)
+        label = _existing(_absolute(base / entry["label"]), where, required)
         pairs.append((_default_case_id(image), image, label))
     return pairs
 
 
-def _nnunet_pairs(spec: dict[str, Any], base: Path, path: Path) -> list[tuple[str, Path, Path]]:
+def _nnunet_pairs(
+    spec: dict[str, Any], base: Path, path: Path, required: bool
+) -> list[tuple[str, Path, Path]]:
     channels = {str(k): str(v) for k, v in (spec.get("channel_names") or {"0": "CT"}).items()}
     if len(channels) == 1:
         channel = next(iter(channels))
@@ -345,7 +355,7 @@ def _nnunet_pairs(spec: dict[str, Any], base: Path, path: Path) -> list[tuple[st
     pairs = []
     for image in images:
         case_id = image.name[: -len(suffix)]
-        label = _existing(_absolute(base / "labelsTr" / f"{case_id}{ending}"), f"{path}: case {case_id!r}")
+        label = _existing(_absolute(base / "labelsTr" / f"{case_id}{ending}"), f"{path}: case {case_id!r}", required)
         pairs.append((case_id, _absolute(image), label))
     expected = spec.get("numTraining")
     if isinstance(expected, int) and expected != len(pairs):

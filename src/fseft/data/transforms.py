@@ -42,6 +42,7 @@ from ..config import PreprocessConfig
 from ..errors import ConfigError, DataError, FseftError
 from . import io as data_io
 from .cases import Case
+from .validate import validate_ct
 
 Mode = Literal["train", "eval", "infer"]
 MODES: tuple[str, ...] = ("train", "eval", "infer")
@@ -64,16 +65,19 @@ class LoadCased(MapTransform):
     """Read the :class:`Case` under ``keys`` into ``image``, ``label``, ``annotated`` and ``case_id``.
 
     Labels go through :func:`fseft.data.io.load_case` (templates, partial labels, geometry checks);
-    with ``with_label=False`` (inference) only the image is read.
+    with ``with_label=False`` (inference) only the image is read. Either way the image goes through
+    :func:`fseft.data.validate.validate_ct` as it is read.
 
     Args:
         structures: Model structure names; label value ``i + 1`` is ``structures[i]``.
         keys: Key holding the :class:`Case` (removed from the output, which must stay collatable).
         with_label: Also read the labels into ``label`` and ``annotated``.
         allow_missing_keys: Skip silently when the case key is absent.
+        preprocess: The preprocessing that follows (for the validation's resampled-size bound).
 
     Raises:
-        DataError: when ``with_label`` and the case has no label, or a reader rejects a file.
+        DataError: when ``with_label`` and the case has no label, or a reader or the validation
+            rejects a file.
     """
 
     def __init__(
@@ -82,10 +86,12 @@ class LoadCased(MapTransform):
         keys: str = "case",
         with_label: bool = True,
         allow_missing_keys: bool = False,
+        preprocess: PreprocessConfig | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.structures = tuple(structures)
         self.with_label = with_label
+        self.preprocess = preprocess
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -93,14 +99,14 @@ class LoadCased(MapTransform):
             case: Case = d.pop(key)
             d["case_id"] = case.case_id
             if not self.with_label:
-                image = data_io.read_image(case.image)
+                image = validate_ct(data_io.read_image(case.image), preprocess=self.preprocess)
                 d["image"] = _to_metatensor(image.array, image.affine, str(case.image), torch.float32)
                 continue
             if not case.has_label:
                 raise DataError(
                     f"{case.image}: case {case.case_id!r} has no label source but labels are required"
                 )
-            volume = data_io.load_case(case, self.structures)
+            volume = data_io.load_case(case, self.structures, preprocess=self.preprocess)
             d["image"] = _to_metatensor(
                 volume.image.array, volume.image.affine, str(case.image), torch.float32
             )
@@ -251,7 +257,7 @@ def preprocess_transforms(cfg: PreprocessConfig, structures: Sequence[str], mode
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
     lo, hi = cfg.hu_window
     steps: list[Transform] = [
-        LoadCased(structures, with_label=with_label),
+        LoadCased(structures, with_label=with_label, preprocess=cfg),
         Orientationd(keys, axcodes=cfg.orientation, labels=None),
         Spacingd(keys, pixdim=cfg.spacing, mode=modes),
         ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import PreprocessConfig
 from ..data.image import Image
+from ..data.validate import validate_ct
 from ..errors import ConfigError
 from ..models import FoundationModel, sliding_window_logits
 from ..runtime import autocast, resolve_amp, resolve_device
@@ -155,10 +156,16 @@ def preprocess_image(
 
     Returns:
         ``([1, 1, X, Y, Z] float tensor, its voxel -> world affine)`` on the model grid.
+
+    Raises:
+        DataError: the image fails :func:`fseft.data.validate.validate_ct` (checked before anything
+            is allocated).
     """
     from monai.data import MetaTensor
 
     from ..data.transforms import LoadCased, Pipeline, preprocess_transforms
+
+    validate_ct(image, preprocess=cfg)
 
     steps = [t for t in preprocess_transforms(cfg, structures, "infer") if not isinstance(t, LoadCased)]
     affine = torch.as_tensor(image.affine, dtype=torch.float64)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..data.image import Image
 from ..data.io import read_image, write_image
-from ..errors import ConfigError
+from ..errors import ConfigError, FseftError
 from ..io_utils import atomic_path, write_json_atomic
 from .inputs import PredictInput, find_inputs
 from .predictor import PredictConfig, Prediction, WindowProgress, describe_model, predict_image
@@ -154,7 +154,8 @@ def predict_files(
     """Predict files, folders, DICOM series or manifest cases and write the results.
 
     Existing outputs are refused (unless ``output.overwrite``) before any image is read. Each case is
-    written as soon as it is predicted; a failing case stops the run (earlier cases stay written).
+    written as soon as it is predicted; a failing case stops the run (earlier cases stay written, and
+    the error names them).
 
     Args:
         model: A :class:`~fseft.models.FoundationModel` or :class:`~fseft.adapt.AdaptedModel`.
@@ -179,9 +180,15 @@ def predict_files(
     config = replace(config or PredictConfig(), probabilities=output.probabilities is not None)
     written: list[Path] = []
     for index, item in enumerate(items):
-        if on_case is not None:
-            on_case(index, len(items), item)
-        prediction = predict_image(model, read_image(item.path), config=config, progress=progress)
+        try:
+            if on_case is not None:
+                on_case(index, len(items), item)
+            prediction = predict_image(model, read_image(item.path), config=config, progress=progress)
+        except FseftError as e:
+            if index == 0:
+                raise
+            done = ", ".join(i.name for i in items[:index])
+            raise type(e)(f"{e} (case {index + 1} of {len(items)}; already written: {done})") from e
         written += write_prediction(prediction, item.name, output)
     return written
 

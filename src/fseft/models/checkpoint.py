@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,15 +50,24 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "global" in str(e).lower():  # the pickle names a callable/class: code, refused unexecuted
-            first = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
+        named = re.search(r"GLOBAL (\S+)", str(e))
+        if named or "global" in str(e).lower():  # the pickle names a callable/class: code, refused unexecuted
+            what = f" ({named.group(1)})" if named else ""
             raise CheckpointError(
-                f"{p}: refused to load: it contains pickled code or objects that are not plain tensors "
-                f"and containers (weights_only=True){'; ' + first if first else ''}"
+                f"{p}: refused to load: it holds pickled code or objects other than tensors and plain "
+                f"containers{what}; nothing in it was run. Only load checkpoints saved as plain state dicts"
             ) from None
-        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint ({e})") from None
+        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint ({_torch_reason(e)})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{p}: not a readable PyTorch checkpoint ({_torch_reason(e)})") from None
+
+
+def _torch_reason(error: BaseException) -> str:
+    """The first line of a torch loading error that states a fact, not torch's advice on unsafe loading."""
+    advice = ("weights_only", "weights only", "can still be loaded", "trust the source", "safe_globals")
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(error).splitlines()]
+    facts = [ln for ln in lines if ln and not any(a in ln.lower() for a in advice)]
+    return facts[0] if facts else type(error).__name__
 
 
 @dataclass
@@ -253,7 +263,7 @@ def load_model_file(
 
     Raises:
         CheckpointError: naming the file when it is unsafe, unreadable, not in fseft's format, or its
-            weights do not match its config.
+            weights do not match its config or hold NaN or infinite values.
     """
     p = Path(path)
     obj = safe_torch_load(p)
@@ -270,6 +280,13 @@ def load_model_file(
         model = build_model(cfg)
     except ConfigError as e:
         raise CheckpointError(f"{p}: invalid model config: {e}") from None
+    state = obj.get("state_dict")
+    broken = [
+        k for k, v in (state.items() if isinstance(state, Mapping) else ())
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]  # fmt: skip
+    if broken:
+        raise CheckpointError(f"{p}: weight(s) {', '.join(broken[:3])} hold NaN or infinite values")
     load_pretrained(model, obj["state_dict"], "native", strict=strict, source_name=str(p))
     model.extra = dict(obj.get("extra") or {})
     return model.to(torch.device(map_location))

@@ -14,10 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import CheckpointError
 from ..io_utils import save_torch_atomic, write_text_atomic
+from ..models.checkpoint import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +45,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: if the file is unreadable, unsafe to unpickle or not a pre-training checkpoint.
     """
     p = Path(path)
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or unsafe files
-        raise CheckpointError(f"{p}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
+    state = safe_torch_load(p)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p}: not an fseft pre-training checkpoint ({CHECKPOINT_FORMAT})")
     return state

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..config import to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..runtime import DistContext, autocast, capture_rng_state, resolve_amp, restore_rng_state
 from .checkpointing import (
     CHECKPOINT_NAME,
@@ -126,6 +126,7 @@ def pretrain(
 
     Raises:
         CheckpointError: when resuming from a checkpoint that is unreadable or from another setup.
+        TrainingError: the loss is not finite (no checkpoint is written for the failed steps).
         ConfigError: on inconsistent sources, weights or settings, or an existing checkpoint in
             ``out_dir`` without ``resume``.
     """
@@ -150,7 +151,7 @@ def pretrain(
         log.info("no checkpoint in %s: starting from step 0", out)
     elif ckpt_path.is_file():
         raise ConfigError(
-            f"{ckpt_path} exists: pass resume to continue that run, or use another output folder"
+            f"{ckpt_path} exists: pass --resume to continue that run, or use another output folder"
         )
     net: nn.Module = model
     if ctx.distributed:
@@ -194,6 +195,11 @@ def pretrain(
         if ctx.distributed:  # gloo has no AVG
             torch.distributed.all_reduce(loss)
             loss /= ctx.world_size
+        if not torch.isfinite(loss):  # the same on every rank: they all stop here
+            raise TrainingError(
+                f"pre-training stopped at step {step}: the loss is {float(loss)} (not finite); nothing was "
+                f"written for this run since its last checkpoint; try a lower --lr or check the data"
+            )
         report_val = None
         if val_samples and (step == cfg.steps or (cfg.val_every and step % cfg.val_every == 0)):
             val_dice = validation_dice(

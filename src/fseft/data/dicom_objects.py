@@ -48,7 +48,9 @@ def dicom_kind(path: str | os.PathLike[str]) -> str:
     """
     sop_class = str(_read(path, stop_before_pixels=True).get("SOPClassUID", ""))
     if sop_class not in KINDS:
-        raise DataError(f"{path}: neither a DICOM-SEG nor an RT Structure Set (SOP class {sop_class or 'none'})")
+        raise DataError(
+            f"{path}: neither a DICOM-SEG nor an RT Structure Set (SOP class {sop_class or 'none'})"
+        )
     return KINDS[sop_class]
 
 
@@ -126,7 +128,9 @@ def _segmentation_masks(ds: Dataset, path: Path, grid: Image, to_index: np.ndarr
     """Segment number -> mask on ``grid``, placing every frame at its grid position."""
     pixels = ds.pixel_array
     frames = pixels.reshape(-1, *pixels.shape[-2:])
-    threshold = 0.5 * float(ds.get("MaximumFractionalValue", 1)) if ds.SegmentationType == "FRACTIONAL" else 0.5
+    threshold = (
+        0.5 * float(ds.get("MaximumFractionalValue", 1)) if ds.SegmentationType == "FRACTIONAL" else 0.5
+    )
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
     masks = {int(s.SegmentNumber): np.zeros(grid.shape, dtype=bool) for s in ds.SegmentSequence}
     for frame, groups in zip(frames, ds.PerFrameFunctionalGroupsSequence, strict=True):
@@ -164,9 +168,13 @@ def _frame_axes(
     along_row = rot @ (iop[3:] * row_spacing)
     for step in (along_column, along_row):
         if not np.allclose(np.sort(np.abs(step)), (0.0, 0.0, 1.0), atol=1e-3):
-            raise GeometryError(f"{path}: its frames are not on the voxel lattice of {grid.name}; DICOM objects are not resampled")
+            raise GeometryError(
+                f"{path}: its frames are not on the voxel lattice of {grid.name}; DICOM objects are not resampled"
+            )
     if np.abs(base - np.rint(base)).max() > LATTICE_TOLERANCE:
-        raise GeometryError(f"{path}: its frames are not on the voxel lattice of {grid.name}; DICOM objects are not resampled")
+        raise GeometryError(
+            f"{path}: its frames are not on the voxel lattice of {grid.name}; DICOM objects are not resampled"
+        )
     return np.rint(base), along_column, along_row
 
 
@@ -180,7 +188,12 @@ def _roi_polygons(
         planes = out.setdefault(number, {})
         for contour in roi.get("ContourSequence", []):
             if contour.get("ContourGeometricType") != "CLOSED_PLANAR":
-                logger.debug("%s: ROI %d: %s contour skipped (no area)", path, number, contour.get("ContourGeometricType"))
+                logger.debug(
+                    "%s: ROI %d: %s contour skipped (no area)",
+                    path,
+                    number,
+                    contour.get("ContourGeometricType"),
+                )
                 continue
             points = np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
             index = points @ to_index[:3, :3].T + to_index[:3, 3]

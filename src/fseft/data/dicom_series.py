@@ -30,7 +30,13 @@ TOLERANCE_MM = 1e-2
 #: Largest relative deviation of one slice step from the mean step (a missing slice doubles it).
 STEP_TOLERANCE = 0.05
 #: Identifiers a DICOM output copies or references.
-REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
+REQUIRED_UIDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "FrameOfReferenceUID",
+)
 _GEOMETRY = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns")
 
 
@@ -93,13 +99,17 @@ def check_slices(datasets: Sequence[Dataset], where: str | os.PathLike[str]) -> 
     for ds in datasets:
         missing = [k for k in _GEOMETRY if ds.get(k) in (None, "")]
         if missing:
-            raise DataError(f"{where}: {_file(ds)} lacks {', '.join(missing)}; not an image slice with geometry")
+            raise DataError(
+                f"{where}: {_file(ds)} lacks {', '.join(missing)}; not an image slice with geometry"
+            )
     first = datasets[0]
     orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
     spacing = np.asarray(first.PixelSpacing, dtype=np.float64)
     for ds in datasets[1:]:
         if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), orientation, atol=1e-4):
-            raise DataError(f"{where}: slices have different orientations ({_file(first)}, {_file(ds)}); mixed series?")
+            raise DataError(
+                f"{where}: slices have different orientations ({_file(first)}, {_file(ds)}); mixed series?"
+            )
         if not np.allclose(np.asarray(ds.PixelSpacing, dtype=np.float64), spacing, atol=1e-4):
             raise DataError(f"{where}: slices have different pixel spacings ({_file(first)}, {_file(ds)})")
         if (int(ds.Rows), int(ds.Columns)) != (int(first.Rows), int(first.Columns)):
@@ -131,10 +141,12 @@ def check_slices(datasets: Sequence[Dataset], where: str | os.PathLike[str]) -> 
         bad = np.flatnonzero(np.abs(steps - step) > max(STEP_TOLERANCE * step, TOLERANCE_MM))
         if bad.size:
             k = int(bad[0])
+            ratio = steps[k] / step
+            missing = ratio > 1.5 and abs(ratio - round(ratio)) <= STEP_TOLERANCE * round(ratio)
             raise DataError(
                 f"{where}: slices are {step:g} mm apart but {_file(datasets[order[k]])} and "
                 f"{_file(datasets[order[k + 1]])} are {steps[k]:.4g} mm apart; "
-                + ("a slice is missing" if steps[k] > step else "inconsistent slice spacing")
+                + ("a slice is missing" if missing else "inconsistent slice spacing")
             )
     lps = np.eye(4)
     lps[:3, 0] = row_dir * spacing[1]  # columns advance along the row direction, PixelSpacing[1] apart

@@ -48,7 +48,9 @@ class Provenance:
     adapter_fingerprint: str | None = None
 
     @classmethod
-    def of(cls, model: nn.Module, name: str | None = None, adapter: str | os.PathLike[str] | None = None) -> Provenance:
+    def of(
+        cls, model: nn.Module, name: str | None = None, adapter: str | os.PathLike[str] | None = None
+    ) -> Provenance:
         """The provenance of ``model`` (a foundation or adapted model) loaded as ``name`` with ``adapter``."""
         base = describe_model(model)[3]
         path = Path(adapter) if adapter is not None else None

@@ -10,12 +10,14 @@ Written to ``<out>/dicom-seg/<case>.dcm``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from ... import __version__
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
 
 FOLDER = "dicom-seg"
 SERIES_NUMBER = 901
+#: Patient and study attributes of type 2 (present, possibly empty) that highdicom copies from the source.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")  # fmt: skip
 
 
 @register_format
@@ -69,7 +74,9 @@ class DicomSeg(OutputFormat):
         return [path]
 
 
-def build_segmentation(prediction: Prediction, series: DicomSeries, provenance: Provenance) -> hd.seg.Segmentation:
+def build_segmentation(
+    prediction: Prediction, series: DicomSeries, provenance: Provenance
+) -> hd.seg.Segmentation:
     """The highdicom Segmentation of a prediction lying on ``series``' grid."""
     algorithm = hd.AlgorithmIdentificationSequence(
         name="fseft",
@@ -97,7 +104,7 @@ def build_segmentation(prediction: Prediction, series: DicomSeries, provenance: 
         segments.append(segment)
     frames = np.ascontiguousarray(prediction.label.array.transpose(2, 1, 0))  # [slice, row, column]
     return hd.seg.Segmentation(
-        source_images=list(series.datasets),
+        source_images=[_with_type2(ds) for ds in series.datasets],
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments,
@@ -114,3 +121,12 @@ def build_segmentation(prediction: Prediction, series: DicomSeries, provenance: 
         content_label="FSEFT",
         omit_empty_frames=bool(prediction.label.array.any()),  # a SEG holds at least one frame
     )
+
+
+def _with_type2(source: Dataset) -> Dataset:
+    """A copy of a slice header where absent type 2 patient / study attributes are present and empty."""
+    ds = copy.deepcopy(source)
+    for keyword in _TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds

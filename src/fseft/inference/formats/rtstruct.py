@@ -143,7 +143,9 @@ def build_rtstruct(prediction: Prediction, series: DicomSeries, provenance: Prov
         observation.ROIInterpreter = ""
         identification = hd.sr.CodedConcept.from_code(code.type)
         if code.modifier is not None:
-            identification.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(code.modifier)]
+            identification.SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept.from_code(code.modifier)
+            ]
         observation.RTROIIdentificationCodeSequence = [identification]
         ds.RTROIObservationsSequence.append(observation)
     return ds

@@ -136,8 +136,8 @@ def _segmentation_masks(ds: Dataset, path: Path, grid: Image, to_index: np.ndarr
     for frame, groups in zip(frames, ds.PerFrameFunctionalGroupsSequence, strict=True):
         number = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         position = np.asarray(groups.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
-        orientation = _functional(groups, shared, "PlaneOrientationSequence").ImageOrientationPatient
-        spacing = _functional(groups, shared, "PixelMeasuresSequence").PixelSpacing
+        orientation = _functional(groups, shared, "PlaneOrientationSequence", path).ImageOrientationPatient
+        spacing = _functional(groups, shared, "PixelMeasuresSequence", path).PixelSpacing
         rows, columns = np.nonzero(frame > threshold)
         if rows.size == 0:
             continue
@@ -149,10 +149,10 @@ def _segmentation_masks(ds: Dataset, path: Path, grid: Image, to_index: np.ndarr
     return masks
 
 
-def _functional(groups: Dataset, shared: Dataset, keyword: str) -> Dataset:
+def _functional(groups: Dataset, shared: Dataset, keyword: str, path: Path) -> Dataset:
     item = groups.get(keyword) or shared.get(keyword)
     if not item:
-        raise DataError(f"DICOM-SEG frame lacks {keyword}")
+        raise DataError(f"{path}: a frame lacks {keyword}")
     return item[0]
 
 

@@ -24,7 +24,7 @@ from fseft.config import PreprocessConfig
 from fseft.data.contours import fill_polygons, mask_polygons
 from fseft.data.dicom_objects import read_structure_masks
 from fseft.data.dicom_series import read_series
-from fseft.data.io import read_image
+from fseft.data.io import read_image, write_image
 from fseft.errors import DataError
 from fseft.inference import OutputConfig, PredictConfig, Provenance, predict_files
 from fseft.inference.formats import file_fingerprint
@@ -65,6 +65,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
 
 
+def validator_errors(path: Path) -> list[str]:
+    """The error lines of Debian's DICOM validator (dicom3tools' dciodvfy) on a file."""
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
 def write_series(
     folder: Path, hu_zyx: np.ndarray, *, spacing=(0.8, 0.7), step=2.5, skip=(), shift=None
 ) -> list[str]:
@@ -84,6 +90,10 @@ def write_series(
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.Modality, ds.PatientName, ds.PatientID, ds.StudyID = "CT", "Phantom^Test", "P1", "1"
+        ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime = "19700101", "O", "20260101", "120000"
+        ds.ReferringPhysicianName, ds.AccessionNumber, ds.Manufacturer = "", "", "fseft-tests"
+        ds.PositionReferenceIndicator, ds.KVP, ds.ImageType = "", "", ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.AcquisitionNumber = 1
         ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         z = -50.0 + k * step + (shift[1] if shift and shift[0] == k else 0.0)
@@ -158,11 +168,33 @@ def test_synthetic_series_round_trips_through_seg_and_rtstruct(tmp_path: Path) -
         for kind in ("dicom-seg", "rtstruct"):
             back = read_structure_masks(out / kind / "ct.dcm", label)[name]
             np.testing.assert_array_equal(back, mask, err_msg=f"{kind} {name}")
+    if shutil.which("dciodvfy") is not None:
+        for kind in ("dicom-seg", "rtstruct"):
+            assert not validator_errors(out / kind / "ct.dcm"), kind
     seg = hd.seg.segread(out / "dicom-seg" / "ct.dcm")
     frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1, 2],
                                                ignore_spatial_locations=False)  # fmt: skip
     np.testing.assert_array_equal(frames.astype(bool), np.stack(
         [label.array.transpose(2, 1, 0) == v for v in (1, 2)], axis=-1))  # fmt: skip
+
+
+def test_evaluate_takes_a_dicom_prediction_against_a_manifest_case(tmp_path: Path) -> None:
+    write_series(tmp_path / "ct", phantom_hu())
+    out = tmp_path / "out"
+    assert run_cli("predict", tmp_path / "ct", "--model", "bands.test", "-o", out, "--device", "cpu",
+                   "--overlap", "0", "--output-format", "nifti", "rtstruct") == 0  # fmt: skip
+    label = read_image(out / "ct.nii.gz", dtype=None)
+    reference = np.where(label.array == 1, 6, np.where(label.array == 2, 3, 0)).astype(
+        np.uint8
+    )  # BTCV values
+    reference[ndimage.binary_erosion(label.array == 1)] = 0  # the reference disagrees inside the liver
+    write_image(label.with_array(reference), tmp_path / "gt.nii.gz")
+    (tmp_path / "cases.csv").write_text("case_id,image,label,template\nct,ct,gt.nii.gz,btcv\n")
+    assert run_cli("evaluate", out / "rtstruct", tmp_path / "cases.csv", "--out", tmp_path / "eval") == 0
+    rows = {r["structure"]: r for r in json.loads((tmp_path / "eval" / "metrics.json").read_text())["cases"]}
+    assert set(rows) == set(STRUCTURES) and rows["kidney_left"]["dice"] == 1.0
+    liver, kept = label.array == 1, reference == 6
+    assert rows["liver"]["dice"] == pytest.approx(dice(liver, kept))
 
 
 def test_bad_series_fail_in_one_line_and_write_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -196,8 +228,6 @@ def test_bad_series_fail_in_one_line_and_write_nothing(tmp_path: Path, capsys: p
 def test_nifti_input_is_refused_for_dicom_outputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_series(tmp_path / "ct", phantom_hu(shape=(4, 16, 16)))
     ct = tmp_path / "ct.nii.gz"
-    from fseft.data.io import write_image
-
     write_image(read_image(tmp_path / "ct"), ct)
     out = tmp_path / "out"
     assert run_cli("predict", ct, "--model", "bands.test", "-o", out, "--output-format", "dicom-seg") == 2
@@ -318,10 +348,7 @@ def test_real_series_outputs_pass_the_dicom_validator(real_outputs: Path) -> Non
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy (dicom3tools) not installed")
     for kind in ("dicom-seg", "rtstruct"):
-        run = subprocess.run(
-            ["dciodvfy", str(real_outputs / kind / "slab.dcm")], capture_output=True, text=True
-        )
-        errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+        errors = validator_errors(real_outputs / kind / "slab.dcm")
         assert not errors, (kind, errors)
 
 

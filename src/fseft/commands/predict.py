@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     )
     inputs = find_inputs(args.inputs)
     model = _load(args.model, args.adapter)
-    provenance = Provenance.of(model, args.model or DEFAULT_MODEL, args.adapter)
+    dicom = any(name != "nifti" for name in output.formats)
+    provenance = Provenance.of(model, args.model or DEFAULT_MODEL, args.adapter) if dicom else None
     console = Console(stderr=True)
     refiner = (_refiner(model, args.adapter, args.device, args.constraint) if args.transductive
                else contextlib.nullcontext())  # fmt: skip

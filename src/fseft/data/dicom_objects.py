@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -74,15 +75,18 @@ def structure_names(path: str | os.PathLike[str]) -> list[str]:
     return names
 
 
-def read_structure_masks(path: str | os.PathLike[str], grid: Image) -> dict[str, np.ndarray]:
+def read_structure_masks(
+    path: str | os.PathLike[str], grid: Image, structures: Collection[str] | None = None
+) -> dict[str, np.ndarray]:
     """Read a DICOM-SEG or RT Structure Set as boolean masks on ``grid``.
 
     Args:
         path: The DICOM file.
         grid: The grid (shape and affine) the masks are placed on; its name appears in errors.
+        structures: Only these structures (a 100-segment file then costs a few masks); ``None``: all.
 
     Returns:
-        Structure name -> boolean mask shaped like ``grid`` (every segment / ROI, empty ones too).
+        Structure name -> boolean mask shaped like ``grid`` (every wanted segment / ROI, empty ones too).
 
     Raises:
         DataError: The file is unreadable, neither kind, or names one structure twice.
@@ -91,11 +95,17 @@ def read_structure_masks(path: str | os.PathLike[str], grid: Image) -> dict[str,
     names = structure_names(path)
     ds = _read(path, stop_before_pixels=False)
     to_index = np.linalg.inv(grid.affine) @ LPS_TO_RAS  # LPS (DICOM patient) -> grid voxel index
+    items = ds.SegmentSequence if str(ds.SOPClassUID) == SEG_SOP_CLASS else ds.StructureSetROISequence
+    numbers = [int(i.SegmentNumber if "SegmentNumber" in i else i.ROINumber) for i in items]
+    by_number = {
+        number: name
+        for number, name in zip(numbers, names, strict=True)
+        if structures is None or name in structures
+    }
     if str(ds.SOPClassUID) == SEG_SOP_CLASS:
-        masks = _segmentation_masks(ds, Path(path), grid, to_index)
-        return {name: masks[int(s.SegmentNumber)] for name, s in zip(names, ds.SegmentSequence, strict=True)}
+        masks = _segmentation_masks(ds, Path(path), grid, to_index, set(by_number))
+        return {name: masks[number] for number, name in by_number.items()}
     polygons = _roi_polygons(ds, Path(path), grid, to_index)
-    by_number = {int(r.ROINumber): name for name, r in zip(names, ds.StructureSetROISequence, strict=True)}
     masks = {}
     for number, name in by_number.items():
         mask = np.zeros(grid.shape, dtype=bool)
@@ -124,17 +134,21 @@ def _name(label: str) -> str:
         return str(label)
 
 
-def _segmentation_masks(ds: Dataset, path: Path, grid: Image, to_index: np.ndarray) -> dict[int, np.ndarray]:
-    """Segment number -> mask on ``grid``, placing every frame at its grid position."""
+def _segmentation_masks(
+    ds: Dataset, path: Path, grid: Image, to_index: np.ndarray, wanted: set[int]
+) -> dict[int, np.ndarray]:
+    """Segment number -> mask on ``grid`` for the ``wanted`` segments, placing every frame at its grid position."""
     pixels = ds.pixel_array
     frames = pixels.reshape(-1, *pixels.shape[-2:])
     threshold = (
         0.5 * float(ds.get("MaximumFractionalValue", 1)) if ds.SegmentationType == "FRACTIONAL" else 0.5
     )
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
-    masks = {int(s.SegmentNumber): np.zeros(grid.shape, dtype=bool) for s in ds.SegmentSequence}
+    masks = {number: np.zeros(grid.shape, dtype=bool) for number in wanted}
     for frame, groups in zip(frames, ds.PerFrameFunctionalGroupsSequence, strict=True):
         number = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        if number not in masks:
+            continue
         position = np.asarray(groups.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
         orientation = _functional(groups, shared, "PlaneOrientationSequence", path).ImageOrientationPatient
         spacing = _functional(groups, shared, "PixelMeasuresSequence", path).PixelSpacing

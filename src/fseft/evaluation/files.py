@@ -285,12 +285,12 @@ def _evaluate_dicom_pair(
         grid = read_labelmap(pair.gt, gt_labels)
         value_of = {n: v for v, n in gt_labels.items()}
         gt_masks = {n: grid.array == value_of[n] for n in structures}
-        pred_masks = read_structure_masks(pair.pred, grid)
+        pred_masks = read_structure_masks(pair.pred, grid, structures)
     else:
         grid = read_labelmap(pair.pred, pred_labels)
         value_of = {n: v for v, n in pred_labels.items()}
         pred_masks = {n: grid.array == value_of[n] for n in structures}
-        gt_masks = read_structure_masks(pair.gt, grid)
+        gt_masks = read_structure_masks(pair.gt, grid, structures)
     return evaluate_mask_maps(pred_masks, gt_masks, structures, grid.spacing, tolerance_mm, pair.case)
 
 
@@ -385,7 +385,7 @@ def evaluate_manifest_case(
             masks.setdefault(name, mask)  # an earlier source wins
     if is_dicom_file(pred_path):
         references = {n: masks[n] for n in wanted if n in masks}
-        pred_masks = read_structure_masks(pred_path, ct)
+        pred_masks = read_structure_masks(pred_path, ct, wanted)
         return evaluate_mask_maps(pred_masks, references, wanted, ct.spacing, tolerance_mm, case.case_id)
     pred = read_labelmap(pred_path, pred_labels)
     check_same_grid(pred, ct)

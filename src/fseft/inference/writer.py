@@ -113,7 +113,7 @@ def write_prediction(
         case: Case name.
         output: Formats, layout and folder.
         series: The source DICOM series (formats that reference it need it).
-        provenance: What produced the prediction (default: unnamed, from nothing).
+        provenance: What produced the prediction (written by the DICOM formats; default: unknown).
 
     Returns:
         The files written (``labels.json`` included for label maps).
@@ -174,7 +174,7 @@ def predict_files(
         config: Inference options (``probabilities`` is set from ``output``).
         on_case: Called before each input with ``(index, count, input)``.
         progress: Window progress within the current input (see :func:`predict_image`).
-        provenance: What the DICOM outputs say produced them (default: from ``model``, unnamed).
+        provenance: What the DICOM outputs say produced them (default: ``model``'s, unnamed).
 
     Returns:
         Every file written.
@@ -189,7 +189,8 @@ def predict_files(
     structures = describe_model(model)[0]
     check_outputs(output, [i.name for i in items], structures)
     series = source_series(items, output)
-    provenance = provenance or Provenance.of(model)
+    if provenance is None and series:
+        provenance = Provenance.of(model)  # the model's fingerprint costs a pass over its weights
     config = replace(config or PredictConfig(), probabilities=output.probabilities is not None)
     written: list[Path] = []
     for index, item in enumerate(items):

@@ -24,9 +24,17 @@ from fseft.config import PreprocessConfig
 from fseft.data.contours import fill_polygons, mask_polygons
 from fseft.data.dicom_objects import read_structure_masks
 from fseft.data.dicom_series import read_series
+from fseft.data.image import Image
 from fseft.data.io import read_image, write_image
 from fseft.errors import DataError
-from fseft.inference import OutputConfig, PredictConfig, Provenance, predict_files
+from fseft.inference import (
+    OutputConfig,
+    PredictConfig,
+    Prediction,
+    Provenance,
+    predict_files,
+    write_prediction,
+)
 from fseft.inference.formats import file_fingerprint
 from fseft.inference.formats.coding import snomed_meaning, structure_code
 from fseft.models import MODELS, FoundationModel, ModelConfig, register_model_spec
@@ -374,3 +382,16 @@ def test_evaluate_scores_against_dicom_references_and_predictions(real_outputs: 
         rows = json.loads((out / "metrics.json").read_text())["cases"]
         assert {r["structure"] for r in rows} == set(STRUCTURES)
         assert min(r["dice"] for r in rows) >= 0.95
+
+
+def test_an_empty_prediction_still_gives_valid_objects_naming_every_structure(tmp_path: Path) -> None:
+    write_series(tmp_path / "ct", phantom_hu(shape=(4, 16, 16)))
+    series = read_series(tmp_path / "ct")
+    empty = Prediction(Image(np.zeros(series.shape, np.uint8), series.affine), None, STRUCTURES)
+    output = OutputConfig(tmp_path / "out", formats=("dicom-seg", "rtstruct"))
+    written = write_prediction(empty, "ct", output, series=series, provenance=Provenance("m", "0" * 16))
+    for path in written:
+        masks = read_structure_masks(path, empty.label)
+        assert set(masks) == set(STRUCTURES) and not any(m.any() for m in masks.values())
+        if shutil.which("dciodvfy") is not None:
+            assert not validator_errors(path), path

@@ -41,20 +41,6 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
     return Path(path).name.lower().endswith(DICOM_SUFFIX)
 
 
-def dicom_kind(path: str | os.PathLike[str]) -> str:
-    """``"dicom-seg"`` or ``"rtstruct"``, from the file's SOP class.
-
-    Raises:
-        DataError: The file is unreadable or neither kind.
-    """
-    sop_class = str(_read(path, stop_before_pixels=True).get("SOPClassUID", ""))
-    if sop_class not in KINDS:
-        raise DataError(
-            f"{path}: neither a DICOM-SEG nor an RT Structure Set (SOP class {sop_class or 'none'})"
-        )
-    return KINDS[sop_class]
-
-
 def structure_names(path: str | os.PathLike[str]) -> list[str]:
     """The structures a DICOM-SEG (segment labels) or RT Structure Set (ROI names) holds, canonical where known.
 

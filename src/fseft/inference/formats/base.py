@@ -8,6 +8,7 @@ them (:meth:`OutputFormat.write`, atomically). Formats that reference their sour
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 from collections.abc import Sequence
@@ -91,7 +92,7 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-class OutputFormat:
+class OutputFormat(abc.ABC):
     """Base class of output formats; subclasses set the class attributes and implement both methods.
 
     Class attributes:
@@ -104,10 +105,11 @@ class OutputFormat:
     description: ClassVar[str]
     needs_series: ClassVar[bool] = False
 
+    @abc.abstractmethod
     def files(self, case: str, structures: Sequence[str], output: OutputConfig) -> list[Path]:
         """Every file :meth:`write` writes for one case."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write(
         self,
         prediction: Prediction,
@@ -118,7 +120,6 @@ class OutputFormat:
         provenance: Provenance,
     ) -> list[Path]:
         """Write one case's prediction (atomically); returns the files written."""
-        raise NotImplementedError
 
 
 OUTPUT_FORMATS: Registry[type[OutputFormat]] = Registry("output format")

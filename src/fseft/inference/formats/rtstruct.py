@@ -1,16 +1,17 @@
 """``rtstruct``: an RT Structure Set on the source series, for treatment planning systems.
 
-One ROI per structure that has voxels; on each source slice where it does, its closed planar
-contours (:func:`fseft.data.contours.mask_polygons`: halfway between inside and outside pixel
-centres, holes as nested contours, read with the even-odd rule) in patient coordinates of that very
-slice, each referencing the slice's SOP instance. ROIs carry their SNOMED CT identification code and
-laterality where the anatomy registry knows them (:mod:`.coding`). The structure set description
-names the model, the adapter and their fingerprints. Written to ``<out>/rtstruct/<case>.dcm``.
+One ROI per structure (empty ones without contours, so a reader sees what was looked for). On each
+source slice where a structure has voxels, its closed planar contours
+(:func:`fseft.data.contours.mask_polygons`: halfway between inside and outside pixel centres, holes
+as nested contours, read with the even-odd rule) in patient coordinates of that very slice, each
+referencing the slice's SOP instance. ROIs carry their SNOMED CT identification code and laterality
+where the anatomy registry knows them (:mod:`.coding`). The structure set description names the
+model, the adapter and their fingerprints. Written to ``<out>/rtstruct/<case>.dcm``.
 
 The dataset is assembled with pydicom from the RT Structure Set IOD's modules (patient, study, RT
-series, frame of reference, equipment, structure set, ROI contour, RT ROI observations, SOP common): highdicom, which
-writes the DICOM-SEG, has no RT Structure Set, and the RT-specific libraries (rt-utils) are
-unmaintained and mishandle non-square pixels and mixed folders.
+series, frame of reference, equipment, structure set, ROI contour, RT ROI observations, SOP common):
+highdicom, which writes the DICOM-SEG, has no RT Structure Set, and the RT-specific libraries
+(rt-utils) are unmaintained and mishandle non-square pixels and mixed folders.
 """
 
 from __future__ import annotations
@@ -120,8 +121,6 @@ def build_rtstruct(prediction: Prediction, series: DicomSeries, provenance: Prov
     boxes = ndimage.find_objects(label, max_label=len(prediction.structures))
     palette = colormaps["tab10"]
     for value, (name, box) in enumerate(zip(prediction.structures, boxes, strict=True), start=1):
-        if box is None:
-            continue  # an ROI needs contours; an empty structure has none
         code = structure_code(name)
         roi = Dataset()
         roi.ROINumber = value
@@ -134,7 +133,8 @@ def build_rtstruct(prediction: Prediction, series: DicomSeries, provenance: Prov
         contour = Dataset()
         contour.ReferencedROINumber = value
         contour.ROIDisplayColor = [int(round(255 * c)) for c in palette((value - 1) % 10)[:3]]
-        contour.ContourSequence = _contours(label, value, box, series)
+        if box is not None:  # an empty structure stays an ROI without contours (the sequence is optional)
+            contour.ContourSequence = _contours(label, value, box, series)
         ds.ROIContourSequence.append(contour)
         observation = Dataset()
         observation.ObservationNumber = value

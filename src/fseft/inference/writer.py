@@ -144,8 +144,8 @@ def source_series(items: Sequence[PredictInput], output: OutputConfig) -> dict[s
     for item in items:
         if not item.path.is_dir():
             raise DataError(
-                f"{item.path}: --output-format {needing[0]} needs a DICOM series input to reference; "
-                "this is an image file"
+                f"{item.path}: --output-format {needing[0]} needs a DICOM series input: an image file "
+                "has no source series to reference"
             )
         series[item.name] = read_series(item.path)
     return series

@@ -32,6 +32,7 @@ DICOM_SUFFIX = ".dcm"
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 KINDS = {SEG_SOP_CLASS: "dicom-seg", RTSTRUCT_SOP_CLASS: "rtstruct"}
+CONTOUR_DATA = 0x30060050
 #: Largest distance (in voxels) of a frame or contour from the grid's slice or voxel lattice.
 LATTICE_TOLERANCE = 0.05
 
@@ -195,7 +196,7 @@ def _roi_polygons(
                     contour.get("ContourGeometricType"),
                 )
                 continue
-            points = np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
+            points = _contour_points(contour)
             index = points @ to_index[:3, :3].T + to_index[:3, 3]
             axis = _plane_axis(index, grid.shape)
             if axis is None:
@@ -207,6 +208,15 @@ def _roi_polygons(
             rings = planes.setdefault((axis, int(np.rint(index[0, axis]))), [])
             rings.append(index[:, [plane[1], plane[0]]])  # (column, row) of the [plane[0], plane[1]] section
     return out
+
+
+def _contour_points(contour: Dataset) -> np.ndarray:
+    """Contour Data as ``(N, 3)`` floats, parsed from the encoded text when pydicom has not (its DS checks are slow)."""
+    element = contour.get_item(CONTOUR_DATA)
+    value = element.value if element is not None else None
+    if isinstance(value, bytes):
+        return np.array(value.decode("ascii").split("\\"), dtype=np.float64).reshape(-1, 3)
+    return np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
 
 
 def _plane_axis(index: np.ndarray, shape: tuple[int, int, int]) -> int | None:

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING
 import highdicom as hd
 import numpy as np
 from matplotlib import colormaps
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 
 FOLDER = "rtstruct"
 SERIES_NUMBER = 902
+CONTOUR_DATA = 0x30060050
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 #: Patient and study attributes copied from the source (RT Structure Sets join the source's study).
 _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
@@ -195,6 +198,13 @@ def _contours(label: np.ndarray, value: int, box: tuple[slice, ...], series: Dic
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(points)
             item.ContourNumber = len(contours) + 1
-            item.ContourData = [f"{v:.4f}".rstrip("0").rstrip(".") for v in points.ravel()]
+            item[CONTOUR_DATA] = _decimal_strings(points.ravel())
             contours.append(item)
     return contours
+
+
+def _decimal_strings(values: np.ndarray) -> RawDataElement:
+    """Contour Data as encoded DS text (0.1 um resolution), skipping pydicom's per-value checks (slow)."""
+    text = "\\".join(f"{v:.4f}".rstrip("0").rstrip(".") for v in values.tolist()).encode("ascii")
+    text += b" " * (len(text) % 2)  # DICOM values have even length
+    return RawDataElement(Tag(CONTOUR_DATA), "DS", len(text), text, 0, False, True)

@@ -26,7 +26,7 @@ from fseft.data.dicom_objects import read_structure_masks
 from fseft.data.dicom_series import read_series
 from fseft.data.image import Image
 from fseft.data.io import read_image, write_image
-from fseft.errors import DataError
+from fseft.errors import DataError, GeometryError
 from fseft.inference import (
     OutputConfig,
     PredictConfig,
@@ -203,6 +203,34 @@ def test_evaluate_takes_a_dicom_prediction_against_a_manifest_case(tmp_path: Pat
     assert set(rows) == set(STRUCTURES) and rows["kidney_left"]["dice"] == 1.0
     liver, kept = label.array == 1, reference == 6
     assert rows["liver"]["dice"] == pytest.approx(dice(liver, kept))
+
+
+def test_dicom_objects_are_placed_on_flipped_grids_exactly_and_refused_off_the_lattice(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    write_series(tmp_path / "ct", phantom_hu())
+    out = tmp_path / "out"
+    assert run_cli("predict", tmp_path / "ct", "--model", "bands.test", "-o", out, "--device", "cpu",
+                   "--overlap", "0", "--output-format", "nifti", "dicom-seg", "rtstruct") == 0  # fmt: skip
+    label = read_image(out / "ct.nii.gz", dtype=None)
+    flip = np.diag([1.0, -1.0, -1.0, 1.0])  # the same space with y and z running the other way
+    flip[1:3, 3] = np.asarray(label.shape[1:]) - 1
+    flipped = label.with_array(label.array[:, ::-1, ::-1].copy())
+    flipped.affine = label.affine @ flip
+    shifted = label.with_array(label.array)
+    shifted.affine = label.affine.copy()
+    shifted.affine[:3, 3] += 0.5 * label.affine[:3, 2]  # half a slice off
+    for kind in ("dicom-seg", "rtstruct"):
+        masks = read_structure_masks(out / kind / "ct.dcm", flipped)
+        np.testing.assert_array_equal(masks["liver"], flipped.array == 1)
+        with pytest.raises(GeometryError, match="not resampled"):
+            read_structure_masks(out / kind / "ct.dcm", shifted)
+    write_image(shifted, tmp_path / "shifted.nii.gz")
+    (tmp_path / "labels.json").write_text((out / "labels.json").read_text())
+    capsys.readouterr()
+    assert run_cli("evaluate", out / "rtstruct" / "ct.dcm", tmp_path / "shifted.nii.gz") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not lie on a slice" in err, err
 
 
 def test_bad_series_fail_in_one_line_and_write_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -92,7 +92,7 @@ def read_structure_masks(
     if str(ds.SOPClassUID) == SEG_SOP_CLASS:
         masks = _segmentation_masks(ds, Path(path), grid, to_index, set(by_number))
         return {name: masks[number] for number, name in by_number.items()}
-    polygons = _roi_polygons(ds, Path(path), grid, to_index)
+    polygons = _roi_polygons(ds, Path(path), grid, to_index, set(by_number))
     masks = {}
     for number, name in by_number.items():
         mask = np.zeros(grid.shape, dtype=bool)
@@ -180,12 +180,14 @@ def _frame_axes(
 
 
 def _roi_polygons(
-    ds: Dataset, path: Path, grid: Image, to_index: np.ndarray
+    ds: Dataset, path: Path, grid: Image, to_index: np.ndarray, wanted: set[int]
 ) -> dict[int, dict[tuple[int, int], list[np.ndarray]]]:
-    """ROI number -> (slice axis, slice index) -> closed contours in that plane's ``(column, row)`` indices."""
+    """Closed contours of the ``wanted`` ROIs: number -> (slice axis, slice index) -> ``(column, row)`` rings."""
     out: dict[int, dict[tuple[int, int], list[np.ndarray]]] = {}
     for roi in ds.get("ROIContourSequence", []):
         number = int(roi.ReferencedROINumber)
+        if number not in wanted:
+            continue
         planes = out.setdefault(number, {})
         for contour in roi.get("ContourSequence", []):
             if contour.get("ContourGeometricType") != "CLOSED_PLANAR":

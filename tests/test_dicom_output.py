@@ -26,7 +26,7 @@ from fseft.data.dicom_objects import read_structure_masks
 from fseft.data.dicom_series import read_series
 from fseft.data.image import Image
 from fseft.data.io import read_image, write_image
-from fseft.errors import DataError, GeometryError
+from fseft.errors import ConfigError, DataError, GeometryError
 from fseft.inference import (
     OutputConfig,
     PredictConfig,
@@ -296,7 +296,7 @@ def test_outputs_name_model_adapter_and_fingerprints_and_keep_the_overwrite_rule
     assert all(
         s in description for s in ("bands.test", provenance.model_fingerprint, provenance.adapter_fingerprint)
     )
-    with pytest.raises(Exception, match="already exists; pass --overwrite"):
+    with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
         predict_files(model, [tmp_path / "ct"], output, config=config)
     predict_files(model, [tmp_path / "ct"], OutputConfig(tmp_path / "out", formats=("rtstruct",), overwrite=True),
                   config=config)  # fmt: skip

@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import ConfigError
     from ..inference import OutputConfig, PredictConfig, Provenance, find_inputs, predict_files
+    from ..inference.formats import get_format
 
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies
     if args.constraint and not args.transductive:
@@ -130,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
     )
     inputs = find_inputs(args.inputs)
     model = _load(args.model, args.adapter)
-    dicom = any(name != "nifti" for name in output.formats)
-    provenance = Provenance.of(model, args.model or DEFAULT_MODEL, args.adapter) if dicom else None
+    named = any(get_format(name).needs_series for name in output.formats)  # DICOM outputs name their maker
+    provenance = Provenance.of(model, args.model or DEFAULT_MODEL, args.adapter) if named else None
     console = Console(stderr=True)
     refiner = (_refiner(model, args.adapter, args.device, args.constraint) if args.transductive
                else contextlib.nullcontext())  # fmt: skip

@@ -129,6 +129,10 @@ def test_structures_yaml_validation(tmp_path: Path) -> None:
     region.write_text("x: {region: belly, kind: organ}\n")
     with pytest.raises(ConfigError, match=r"region\.yaml: structure 'x' has region 'belly'"):
         _build_index(region)
+    code = tmp_path / "code.yaml"
+    code.write_text("x: {region: abdomen, kind: organ, snomed: SCT-10200004}\n")
+    with pytest.raises(ConfigError, match=r"code\.yaml: structure 'x' snomed must be a SNOMED CT concept id"):
+        _build_index(code)
 
 
 def test_import_reads_no_data_files() -> None:

@@ -69,7 +69,7 @@ OPENKBP_ORGANS: tuple[str, ...] = (
 OPENKBP_TARGETS: tuple[str, ...] = ("ptv56", "ptv63", "ptv70")
 """OpenKBP planning target volumes, in the order of their label values 1..3."""
 
-_FIELDS = ("region", "kind", "side", "pair", "parts", "synonyms")
+_FIELDS = ("region", "kind", "side", "pair", "parts", "synonyms", "snomed")
 _NAME = re.compile(r"^[a-z][A-Za-z0-9_]*$")
 
 
@@ -85,6 +85,8 @@ class Structure:
         pair: Canonical name of the same structure on the other side, if there is one.
         parts: For a lumped structure, the canonical ``(right, left)`` structures it splits into.
         synonyms: Other accepted names.
+        snomed: SNOMED CT concept id of the structure without its side (DICOM coding scheme ``SCT``),
+            when one is known; DICOM outputs code the structure with it.
     """
 
     name: str
@@ -94,6 +96,7 @@ class Structure:
     pair: str | None = None
     parts: tuple[str, str] | None = None
     synonyms: tuple[str, ...] = ()
+    snomed: str | None = None
 
 
 def name_key(name: str) -> str:
@@ -158,6 +161,9 @@ def _parse_entry(path: Path, name: Any, spec: Any) -> Structure:
     pair = spec.get("pair")
     if pair is not None and (not isinstance(pair, str) or side is None):
         raise ConfigError(f"{path}: structure {name!r} has a pair but no side")
+    snomed = spec.get("snomed")
+    if snomed is not None and (isinstance(snomed, bool) or not str(snomed).isdigit()):
+        raise ConfigError(f"{path}: structure {name!r} snomed must be a SNOMED CT concept id (digits)")
     return Structure(
         name=name,
         region=region,
@@ -166,6 +172,7 @@ def _parse_entry(path: Path, name: Any, spec: Any) -> Structure:
         pair=pair,
         parts=(parts[0], parts[1]) if parts else None,
         synonyms=tuple(synonyms),
+        snomed=None if snomed is None else str(snomed),
     )
 
 

@@ -21,8 +21,10 @@ from ..evaluation import SummaryRow, summarize, to_csv, to_json
 from ..evaluation.files import (
     LABELS_JSON,
     case_name,
+    dicom_labels,
     evaluate_manifest_case,
     evaluate_pair,
+    is_dicom_side,
     label_files,
     manifest_structures,
     pair_files,
@@ -81,11 +83,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "structure, with per-structure mean/std/median. PRED and GT are files or folders (paired by "
         "case name = file name without .nii/.nii.gz), or GT is a dataset manifest (cases matched by "
         f"case id). Label names come from a {LABELS_JSON} beside the inputs (as written by "
-        "'fseft predict'), else from --labels or --template. Predictions are never resampled: they "
-        "must be on the reference grid.",
+        "'fseft predict'), else from --labels or --template. Either side may be a DICOM-SEG or RT "
+        "Structure Set (.dcm, names from the file), placed on the other side's grid. Predictions are "
+        "never resampled: they must be on the reference grid.",
     )
-    parser.add_argument("pred", type=Path, metavar="PRED", help="prediction label map or folder")
-    parser.add_argument("gt", type=Path, metavar="GT", help="reference label map, folder, or manifest")
+    parser.add_argument(
+        "pred", type=Path, metavar="PRED", help="prediction label map, DICOM-SEG / RTSTRUCT (.dcm), or folder"
+    )
+    parser.add_argument(
+        "gt", type=Path, metavar="GT", help="reference label map, DICOM-SEG / RTSTRUCT (.dcm), folder, or manifest"
+    )
     names = parser.add_mutually_exclusive_group()
     names.add_argument(
         "--labels",
@@ -199,7 +206,10 @@ def _fallback_labels(cfg: EvaluateConfig) -> dict[int, str] | None:
 
 
 def _side_labels(path: Path, fallback: dict[int, str] | None, what: str) -> dict[int, str]:
-    """``labels.json`` in the input folder (or beside the input file) wins over --labels/--template."""
+    """DICOM objects name their structures; else ``labels.json`` in the input folder (or beside the input
+    file) wins over --labels/--template."""
+    if is_dicom_side(path):
+        return dicom_labels(path)
     folder = path if path.is_dir() else path.parent
     if (folder / LABELS_JSON).is_file():
         return read_labels_json(folder / LABELS_JSON)
@@ -210,7 +220,7 @@ def _side_labels(path: Path, fallback: dict[int, str] | None, what: str) -> dict
 
 def _is_manifest(gt: Path) -> bool:
     if gt.is_file():
-        return image_suffix(gt) is None
+        return image_suffix(gt) is None and not is_dicom_side(gt)
     if gt.is_dir():
         return any((gt / name).is_file() for name in _MANIFEST_FILES) or not label_files(gt)
     return False

@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "window, body crop) is applied, then overlapping sliding windows with Gaussian blending. "
         "Outputs: <case>.nii.gz + labels.json (label values 1..S in the model's structure order, the "
         "names 'fseft evaluate' reads), or with --format masks one <case>/<structure>.nii.gz per "
-        "structure. Existing outputs are refused before anything runs unless --overwrite.",
+        "structure; for DICOM series inputs also (--output-format) a DICOM-SEG (dicom-seg/<case>.dcm) "
+        "and an RT Structure Set (rtstruct/<case>.dcm) referencing the source series. Existing outputs "
+        "are refused before anything runs unless --overwrite.",
         epilog="Example: fseft predict scans/ --model model.pt --adapter liver.safetensors --out preds --tta",
     )
     parser.add_argument(
@@ -40,10 +42,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--adapter", type=Path, default=None, metavar="FILE", help="adapter file to apply to the model"
     )
     parser.add_argument(
+        "--output-format",
+        nargs="+",
+        action="extend",
+        choices=("nifti", "dicom-seg", "rtstruct"),
+        metavar="FORMAT",
+        help="nifti (default), dicom-seg, rtstruct: one or several; the DICOM ones need DICOM series inputs",
+    )
+    parser.add_argument(
         "--format",
         choices=("labelmap", "masks"),
         default="labelmap",
-        help="one label map per case, or one mask per structure",
+        help="NIfTI layout: one label map per case, or one mask per structure",
     )
     parser.add_argument(
         "--probabilities",
@@ -92,12 +102,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check inputs and outputs, load the model, predict every input with progress bars."""
+    import logging
+
     from rich.console import Console
 
     from ..errors import ConfigError
-    from ..inference import OutputConfig, PredictConfig, find_inputs, predict_files
+    from ..inference import OutputConfig, PredictConfig, Provenance, find_inputs, predict_files
+    from ..inference.formats import get_format
     from ..outputs import plan_outputs
 
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies
     if args.constraint and not args.transductive:
         raise ConfigError("--constraint needs --transductive")
     plan_outputs(folders=[args.out])
@@ -111,17 +125,25 @@ def run(args: argparse.Namespace) -> int:
         chunk=args.chunk_slices,
     )
     output = OutputConfig(
-        out=args.out, format=args.format, probabilities=args.probabilities, overwrite=args.overwrite
+        out=args.out,
+        format=args.format,
+        probabilities=args.probabilities,
+        overwrite=args.overwrite,
+        formats=tuple(dict.fromkeys(args.output_format or ["nifti"])),
     )
     inputs = find_inputs(args.inputs)
     model = _load(args.model, args.adapter)
+    named = any(get_format(name).needs_series for name in output.formats)  # DICOM outputs name their maker
+    provenance = Provenance.of(model, args.model or DEFAULT_MODEL, args.adapter) if named else None
     console = Console(stderr=True)
     refiner = (_refiner(model, args.adapter, args.device, args.constraint) if args.transductive
                else contextlib.nullcontext())  # fmt: skip
     with _PredictProgress(console, len(inputs)) as (on_case, on_window), refiner:
         if args.transductive:
             on_case = _refining(on_case, refiner)
-        written = predict_files(model, inputs, output, config=config, on_case=on_case, progress=on_window)
+        written = predict_files(
+            model, inputs, output, config=config, on_case=on_case, progress=on_window, provenance=provenance
+        )
     cases = sum(1 for p in written if p.name != "labels.json")
     console.print(f"wrote {cases} file(s) for {len(inputs)} case(s) to {args.out}")
     for r in getattr(refiner, "reports", []):

@@ -23,9 +23,10 @@ from numpy.typing import DTypeLike
 
 from ..anatomy import DatasetTemplate, get_template
 from ..config import PreprocessConfig
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, GeometryError
 from ..io_utils import atomic_path
 from .cases import Case, LabelSource
+from .dicom_series import check_slices, read_headers
 from .geometry import align_label
 from .image import Image
 from .validate import validate_ct
@@ -56,7 +57,7 @@ def read_image(path: str | os.PathLike[str], *, dtype: DTypeLike | None = np.flo
         path: A NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage
             (``.mha``, ``.mhd``) file, or a folder holding a DICOM series (when it holds several
             series the one with the most slices is read; slices are ordered by position; rescale
-            slope/intercept are applied, giving HU).
+            slope/intercept are applied, giving HU; a missing slice or an irregular grid is refused).
         dtype: Voxel type of the returned array; ``None`` keeps the stored type (after NIfTI
             scaling). NaN and inf values, and singular affines (a NIfTI voxel size of 0 included,
             which nibabel would replace by 1 mm), are returned as they are: :mod:`fseft.data.validate`
@@ -157,13 +158,17 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
             chosen,
             len(files[chosen]),
         )
+    _, expected = check_slices(read_headers(files[chosen]), folder)  # a missing slice, mixed geometry
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[chosen])  # ordered by slice position by GDCM
     try:
         image = reader.Execute()  # applies rescale slope / intercept (HU)
     except RuntimeError as e:
         raise DataError(f"{folder}: unreadable DICOM series ({_sitk_reason(e)})") from e
-    return _from_sitk(image, folder)
+    array, affine = _from_sitk(image, folder)
+    if not np.allclose(affine, expected, atol=1e-3):
+        raise GeometryError(f"{folder}: the series' slice headers and the volume read disagree on its geometry")
+    return array, affine
 
 
 def _from_sitk(image: sitk.Image, path: Path) -> tuple[np.ndarray, np.ndarray]:

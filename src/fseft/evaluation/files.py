@@ -5,6 +5,12 @@ affine within :data:`GRID_TOLERANCE_MM`), otherwise a :class:`~fseft.errors.Geom
 both files. References come either as label-map files (paired with predictions by case name, the
 file name without its image suffix) or from a dataset manifest, whose labels are read onto each
 case's CT grid with :func:`fseft.data.io.read_label`.
+
+Either side may instead be a DICOM-SEG or RT Structure Set (``.dcm``, as written by ``fseft predict
+--output-format``, or exported from a planning system): it is placed on the other side's grid (the
+label map, or the manifest case's CT) by :func:`fseft.data.dicom_objects.read_structure_masks`,
+which refuses objects that do not lie on it. Its structure names come from the file. A structure a
+DICOM prediction lacks is an empty prediction; one a DICOM reference lacks is not evaluated.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 
 from ..anatomy import canonical, get_template
 from ..data.cases import Case
+from ..data.dicom_objects import DICOM_SUFFIX, is_dicom_file, read_structure_masks, structure_names
 from ..data.image import Image
 from ..data.io import image_suffix, read_image, read_label
 from ..errors import ConfigError, DataError, GeometryError
@@ -43,21 +50,23 @@ class EvalPair:
 
 
 def case_name(path: str | os.PathLike[str]) -> str:
-    """The case name of an image file: its name without the image suffix (``.nii.gz``...)."""
+    """The case name of an image or DICOM file: its name without the suffix (``.nii.gz``, ``.dcm``...)."""
     path = Path(path)
-    suffix = image_suffix(path)
+    suffix = DICOM_SUFFIX if is_dicom_file(path) else image_suffix(path)
     return path.name[: -len(suffix)] if suffix else path.name
 
 
 def label_files(folder: Path) -> dict[str, Path]:
-    """Case name -> image file for the image files directly inside ``folder`` (hidden files skipped).
+    """Case name -> file for the image and DICOM (``.dcm``) files directly inside ``folder`` (hidden files skipped).
 
     Raises:
         DataError: If two files share a case name (``a.nii`` and ``a.nii.gz``).
     """
     files: dict[str, Path] = {}
     for file in sorted(folder.iterdir()):
-        if file.name.startswith(".") or not file.is_file() or image_suffix(file) is None:
+        if file.name.startswith(".") or not file.is_file():
+            continue
+        if image_suffix(file) is None and not is_dicom_file(file):
             continue
         name = case_name(file)
         if name in files:
@@ -90,6 +99,25 @@ def _files_of(path: Path) -> dict[str, Path]:
     if not path.exists():
         raise DataError(f"{path}: not found")
     return label_files(path) if path.is_dir() else {case_name(path): path}
+
+
+def is_dicom_side(path: Path) -> bool:
+    """Whether an input is a DICOM-SEG / RT Structure Set file, or a folder holding only such files."""
+    if path.is_file():
+        return is_dicom_file(path)
+    files = label_files(path) if path.is_dir() else {}
+    return bool(files) and all(is_dicom_file(f) for f in files.values())
+
+
+def dicom_labels(path: Path) -> dict[int, str]:
+    """The structures the DICOM file(s) of an input name, as a value -> name mapping (values are only keys).
+
+    Raises:
+        DataError: A file is unreadable, neither a DICOM-SEG nor an RT Structure Set, or repeats a name.
+    """
+    files = [path] if path.is_file() else list(label_files(path).values())
+    names = dict.fromkeys(n for file in files for n in structure_names(file))
+    return {i + 1: name for i, name in enumerate(names)}
 
 
 def read_labels_json(path: str | os.PathLike[str]) -> dict[int, str]:
@@ -219,9 +247,12 @@ def evaluate_pair(
         One row per structure.
 
     Raises:
+        ConfigError: Both files are DICOM objects (neither gives a grid).
         DataError: A file is unreadable or holds unnamed values.
         GeometryError: The files are not on the same grid.
     """
+    if is_dicom_file(pair.pred) or is_dicom_file(pair.gt):
+        return _evaluate_dicom_pair(pair, pred_labels, gt_labels, structures, tolerance_mm)
     pred = read_labelmap(pair.pred, pred_labels)
     gt = read_labelmap(pair.gt, gt_labels)
     check_same_grid(pred, gt)
@@ -235,6 +266,50 @@ def evaluate_pair(
         case=pair.case,
         gt_structures={v: n for v, n in gt_labels.items() if n in chosen},
     )
+
+
+def _evaluate_dicom_pair(
+    pair: EvalPair,
+    pred_labels: Mapping[int, str],
+    gt_labels: Mapping[int, str],
+    structures: Sequence[str],
+    tolerance_mm: float,
+) -> list[StructureMetrics]:
+    """A pair where one side is a DICOM-SEG / RT Structure Set, placed on the other side's label-map grid."""
+    if is_dicom_file(pair.pred) and is_dicom_file(pair.gt):
+        raise ConfigError(
+            f"{pair.pred} and {pair.gt} are both DICOM objects; give one side as a label map (or GT as a "
+            "manifest) whose grid the other is placed on"
+        )
+    if is_dicom_file(pair.pred):
+        grid = read_labelmap(pair.gt, gt_labels)
+        value_of = {n: v for v, n in gt_labels.items()}
+        gt_masks = {n: grid.array == value_of[n] for n in structures}
+        pred_masks = read_structure_masks(pair.pred, grid, structures)
+    else:
+        grid = read_labelmap(pair.pred, pred_labels)
+        value_of = {n: v for v, n in pred_labels.items()}
+        pred_masks = {n: grid.array == value_of[n] for n in structures}
+        gt_masks = read_structure_masks(pair.gt, grid, structures)
+    return evaluate_mask_maps(pred_masks, gt_masks, structures, grid.spacing, tolerance_mm, pair.case)
+
+
+def evaluate_mask_maps(
+    pred: Mapping[str, np.ndarray],
+    gt: Mapping[str, np.ndarray],
+    structures: Sequence[str],
+    spacing: Sequence[float],
+    tolerance_mm: float,
+    case: str,
+) -> list[StructureMetrics]:
+    """One row per structure the reference holds; a structure the prediction lacks is an empty mask."""
+    rows = []
+    for name in structures:
+        if name not in gt:
+            continue
+        mask = pred[name] if name in pred else np.zeros_like(gt[name])
+        rows.append(evaluate_masks(mask, gt[name], spacing, tolerance_mm, case=case, structure=name))
+    return rows
 
 
 def evaluate_files(
@@ -289,7 +364,7 @@ def evaluate_manifest_case(
 
     Args:
         case: The manifest case (its image fixes the grid; its label sources give the reference).
-        pred_path: The prediction label map for the case.
+        pred_path: The prediction label map (or DICOM-SEG / RT Structure Set) for the case.
         pred_labels: Label value -> structure name in the prediction.
         structures: Names to evaluate.
         tolerance_mm: NSD tolerance in mm.
@@ -301,15 +376,19 @@ def evaluate_manifest_case(
         DataError: A file is unreadable or holds unnamed values.
         GeometryError: The prediction is not on the CT's grid.
     """
-    pred = read_labelmap(pred_path, pred_labels)
     ct = read_image(case.image)
-    check_same_grid(pred, ct)
     annotated = set(manifest_structures(case))
     wanted = [n for n in structures if n in annotated]
     masks: dict[str, np.ndarray] = {}
     for source in case.labels:
         for name, mask in read_label(source, ct).items():
             masks.setdefault(name, mask)  # an earlier source wins
+    if is_dicom_file(pred_path):
+        references = {n: masks[n] for n in wanted if n in masks}
+        pred_masks = read_structure_masks(pred_path, ct, wanted)
+        return evaluate_mask_maps(pred_masks, references, wanted, ct.spacing, tolerance_mm, case.case_id)
+    pred = read_labelmap(pred_path, pred_labels)
+    check_same_grid(pred, ct)
     value_of = {n: v for v, n in pred_labels.items()}
     pred_boxes = label_boxes(pred.array)
     rows = []

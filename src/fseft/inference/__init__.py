@@ -1,10 +1,11 @@
 """Inference: sliding-window prediction mapped back to the input's own grid, and writing it.
 
 Public API: :func:`predict_image` (one in-memory image -> :class:`Prediction`), :func:`predict_files`
-(files, folders, DICOM series, manifests -> files), :class:`PredictConfig`, :class:`OutputConfig`,
-:func:`find_inputs`.
+(files, folders, DICOM series, manifests -> NIfTI, DICOM-SEG, RT Structure Set files),
+:class:`PredictConfig`, :class:`OutputConfig`, :func:`find_inputs`, the output formats (:data:`OUTPUT_FORMATS`).
 """
 
+from .formats import OUTPUT_FORMATS, OutputFormat, Provenance
 from .inputs import PredictInput, find_inputs
 from .predictor import PredictConfig, Prediction, describe_model, predict_image
 from .writer import FORMATS, LABELS_JSON, PROBABILITY_DTYPES, OutputConfig, predict_files, write_prediction
@@ -12,11 +13,14 @@ from .writer import FORMATS, LABELS_JSON, PROBABILITY_DTYPES, OutputConfig, pred
 __all__ = [
     "FORMATS",
     "LABELS_JSON",
+    "OUTPUT_FORMATS",
     "PROBABILITY_DTYPES",
     "OutputConfig",
+    "OutputFormat",
     "PredictConfig",
     "PredictInput",
     "Prediction",
+    "Provenance",
     "describe_model",
     "find_inputs",
     "predict_files",

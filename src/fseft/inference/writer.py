@@ -1,15 +1,9 @@
-"""Writing predictions: the output layout, the overwrite rule, and :func:`predict_files`.
+"""Writing predictions: the output formats, the overwrite rule, and :func:`predict_files`.
 
-Layout inside the output folder (every file written atomically)::
-
-    <case>.nii.gz                       label map (format "labelmap"): 0 background, i + 1 = structure i
-    labels.json                         {"1": "liver", ...}: the names 'fseft evaluate' reads
-    <case>/<structure>.nii.gz           one binary mask per structure (format "masks", TotalSegmentator-style)
-    <case>_probabilities/<structure>.nii.gz   probability maps (optional): uint8 scaled by 1/255 in the
-                                        NIfTI header (readers get floats in [0, 1]) or float32
-
-Masks are the label map split per structure, so they never overlap. NIfTI has no float16 type,
-hence the uint8 encoding (resolution 1/255) as the compact choice.
+Each requested output format (:mod:`fseft.inference.formats`: ``nifti``, ``dicom-seg``,
+``rtstruct``) writes its own files into the output folder, every file atomically. Formats that
+reference a source DICOM series are only accepted for DICOM series inputs, and every such series is
+read and checked before any prediction runs, so a refused input leaves nothing written.
 """
 
 from __future__ import annotations
@@ -20,19 +14,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 from torch import nn
 
-from ..data.image import Image
-from ..data.io import read_image, write_image
-from ..errors import ConfigError, FseftError
-from ..io_utils import atomic_path, write_json_atomic
+from ..data.dicom_series import DicomSeries, read_series
+from ..data.io import read_image
+from ..errors import ConfigError, DataError, FseftError
+from .formats import LABELS_JSON, OUTPUT_FORMATS, Provenance, get_format, labels_mapping
 from .inputs import PredictInput, find_inputs
 from .predictor import PredictConfig, Prediction, WindowProgress, describe_model, predict_image
 
-#: Label names beside label maps (the file ``fseft evaluate`` reads).
-LABELS_JSON = "labels.json"
+#: NIfTI layouts.
 FORMATS: tuple[str, ...] = ("labelmap", "masks")
 PROBABILITY_DTYPES: tuple[str, ...] = ("uint8", "float32")
 
@@ -46,39 +37,39 @@ class OutputConfig:
 
     Args:
         out: Output folder.
-        format: ``"labelmap"`` (``<case>.nii.gz`` + ``labels.json``) or ``"masks"`` (``<case>/<structure>.nii.gz``).
+        format: NIfTI layout: ``"labelmap"`` (``<case>.nii.gz`` + ``labels.json``) or ``"masks"``
+            (``<case>/<structure>.nii.gz``).
         probabilities: Also write probability maps, as ``"uint8"`` (scaled) or ``"float32"``; ``None``: not.
         overwrite: Replace existing outputs (otherwise they are refused before anything runs).
+        formats: Output formats (:data:`fseft.inference.formats.OUTPUT_FORMATS`), in writing order.
     """
 
     out: Path
     format: str = "labelmap"
     probabilities: str | None = None
     overwrite: bool = False
+    formats: tuple[str, ...] = ("nifti",)
 
     def __post_init__(self) -> None:
+        if not self.formats:
+            raise ConfigError("no output format requested")
+        for name in self.formats:
+            OUTPUT_FORMATS.get(name)  # unknown -> ConfigError listing the formats
+        if len(set(self.formats)) != len(self.formats):
+            raise ConfigError(f"output formats repeated: {', '.join(self.formats)}")
+        if self.probabilities is not None and "nifti" not in self.formats:
+            raise ConfigError("probability maps are written as NIfTI: add the nifti output format")
         if self.format not in FORMATS:
-            raise ConfigError(f"unknown output format {self.format!r}; choose one of: {', '.join(FORMATS)}")
+            raise ConfigError(f"unknown NIfTI layout {self.format!r}; choose one of: {', '.join(FORMATS)}")
         if self.probabilities is not None and self.probabilities not in PROBABILITY_DTYPES:
             raise ConfigError(
                 f"unknown probability type {self.probabilities!r}; choose one of: {', '.join(PROBABILITY_DTYPES)}"
             )
 
 
-def labels_mapping(structures: Sequence[str]) -> dict[str, str]:
-    """The ``labels.json`` content: ``{"1": structures[0], ...}``."""
-    return {str(i + 1): name for i, name in enumerate(structures)}
-
-
 def output_files(case: str, structures: Sequence[str], output: OutputConfig) -> list[Path]:
     """Every file written for one case (``labels.json`` excepted)."""
-    if output.format == "labelmap":
-        files = [output.out / f"{case}.nii.gz"]
-    else:
-        files = [output.out / case / f"{name}.nii.gz" for name in structures]
-    if output.probabilities is not None:
-        files += [output.out / f"{case}_probabilities" / f"{name}.nii.gz" for name in structures]
-    return files
+    return [path for name in output.formats for path in get_format(name).files(case, structures, output)]
 
 
 def check_outputs(output: OutputConfig, cases: Sequence[str], structures: Sequence[str]) -> None:
@@ -102,44 +93,62 @@ def check_outputs(output: OutputConfig, cases: Sequence[str], structures: Sequen
             if path.exists():
                 raise ConfigError(f"{path}: already exists; pass --overwrite to replace it")
     labels = output.out / LABELS_JSON
-    if output.format == "labelmap" and labels.exists() and _read_json(labels) != labels_mapping(structures):
+    nifti_labelmap = "nifti" in output.formats and output.format == "labelmap"
+    if nifti_labelmap and labels.exists() and _read_json(labels) != labels_mapping(structures):
         raise ConfigError(f"{labels}: already exists with other label names; pass --overwrite to replace it")
 
 
-def write_prediction(prediction: Prediction, case: str, output: OutputConfig) -> list[Path]:
-    """Write one case's prediction in the requested layout.
+def write_prediction(
+    prediction: Prediction,
+    case: str,
+    output: OutputConfig,
+    *,
+    series: DicomSeries | None = None,
+    provenance: Provenance | None = None,
+) -> list[Path]:
+    """Write one case's prediction in every requested format.
 
     Args:
         prediction: The prediction (on the input grid).
         case: Case name.
-        output: Layout and folder.
+        output: Formats, layout and folder.
+        series: The source DICOM series (formats that reference it need it).
+        provenance: What produced the prediction (written by the DICOM formats; default: unknown).
 
     Returns:
         The files written (``labels.json`` included for label maps).
 
     Raises:
-        ConfigError: Probabilities were requested but the prediction does not hold them.
+        ConfigError: Probabilities were requested but the prediction does not hold them, or a DICOM
+            format lacks its source series.
+        GeometryError: A DICOM format's prediction is not on its series' grid.
     """
-    label, structures = prediction.label, prediction.structures
+    provenance = provenance or Provenance(model="unknown", model_fingerprint="unknown")
     written: list[Path] = []
-    if output.format == "labelmap":
-        path = output.out / f"{case}.nii.gz"
-        write_image(label, path)
-        write_json_atomic(output.out / LABELS_JSON, labels_mapping(structures))
-        written += [path, output.out / LABELS_JSON]
-    else:
-        for i, name in enumerate(structures):
-            path = output.out / case / f"{name}.nii.gz"
-            write_image(label.with_array(label.array == i + 1), path, dtype=np.uint8)
-            written.append(path)
-    if output.probabilities is not None:
-        if prediction.probabilities is None:
-            raise ConfigError("probability maps were requested but the prediction was made without them")
-        for name in structures:
-            path = output.out / f"{case}_probabilities" / f"{name}.nii.gz"
-            _write_probability(prediction.probabilities[name], path, output.probabilities)
-            written.append(path)
+    for name in output.formats:
+        written += get_format(name).write(prediction, case, output, series=series, provenance=provenance)
     return written
+
+
+def source_series(items: Sequence[PredictInput], output: OutputConfig) -> dict[str, DicomSeries]:
+    """Read and check the DICOM series of every input, when an output format references its source.
+
+    Raises:
+        DataError: An input is not a DICOM series folder (a NIfTI file has no series to reference), or
+            its series is mixed, incomplete, irregular or lacks identifiers.
+    """
+    needing = [name for name in output.formats if get_format(name).needs_series]
+    if not needing:
+        return {}
+    series = {}
+    for item in items:
+        if not item.path.is_dir():
+            raise DataError(
+                f"{item.path}: --output-format {needing[0]} needs a DICOM series input: an image file "
+                "has no source series to reference"
+            )
+        series[item.name] = read_series(item.path)
+    return series
 
 
 def predict_files(
@@ -150,12 +159,14 @@ def predict_files(
     config: PredictConfig | None = None,
     on_case: CaseProgress | None = None,
     progress: WindowProgress | None = None,
+    provenance: Provenance | None = None,
 ) -> list[Path]:
     """Predict files, folders, DICOM series or manifest cases and write the results.
 
-    Existing outputs are refused (unless ``output.overwrite``) before any image is read. Each case is
-    written as soon as it is predicted; a failing case stops the run (earlier cases stay written, and
-    the error names them).
+    Existing outputs are refused (unless ``output.overwrite``) before any image is read, and so are
+    inputs a DICOM output format cannot reference (see :func:`source_series`). Each case is written
+    as soon as it is predicted; a failing case stops the run (earlier cases stay written, and the
+    error names them).
 
     Args:
         model: A :class:`~fseft.models.FoundationModel` or :class:`~fseft.adapt.AdaptedModel`.
@@ -164,6 +175,7 @@ def predict_files(
         config: Inference options (``probabilities`` is set from ``output``).
         on_case: Called before each input with ``(index, count, input)``.
         progress: Window progress within the current input (see :func:`predict_image`).
+        provenance: What the DICOM outputs say produced them (default: ``model``'s, unnamed).
 
     Returns:
         Every file written.
@@ -177,6 +189,9 @@ def predict_files(
     items += find_inputs(paths) if paths else []
     structures = describe_model(model)[0]
     check_outputs(output, [i.name for i in items], structures)
+    series = source_series(items, output)
+    if provenance is None and series:
+        provenance = Provenance.of(model)  # the model's fingerprint costs a pass over its weights
     config = replace(config or PredictConfig(), probabilities=output.probabilities is not None)
     written: list[Path] = []
     for index, item in enumerate(items):
@@ -189,22 +204,10 @@ def predict_files(
                 raise
             done = ", ".join(i.name for i in items[:index])
             raise type(e)(f"{e} (case {index + 1} of {len(items)}; already written: {done})") from e
-        written += write_prediction(prediction, item.name, output)
+        written += write_prediction(
+            prediction, item.name, output, series=series.get(item.name), provenance=provenance
+        )
     return written
-
-
-def _write_probability(image: Image, path: Path, dtype: str) -> None:
-    if dtype == "float32":
-        write_image(image, path, dtype=np.float32)
-        return
-    scaled = np.rint(np.clip(image.array, 0.0, 1.0) * 255.0).astype(np.uint8)
-    nifti = nib.Nifti1Image(scaled, image.affine)
-    nifti.set_sform(image.affine, code=1)
-    nifti.set_qform(image.affine, code=1)
-    nifti.header.set_xyzt_units("mm", "sec")
-    nifti.header.set_slope_inter(1.0 / 255.0, 0.0)
-    with atomic_path(path) as tmp:
-        nib.save(nifti, tmp)
 
 
 def _read_json(path: Path) -> object:

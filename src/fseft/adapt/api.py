@@ -20,7 +20,7 @@ from ..config import from_dict, to_dict
 from ..errors import ConfigError
 from ..io_utils import write_json_atomic
 from .support import foreground_checker, load_support_volumes, sample_support
-from .trainer import TASKS, AdaptTrainConfig, Progress, fit, resolve_path
+from .trainer import AdaptTrainConfig, Progress, fit, resolve_path
 
 if TYPE_CHECKING:
     from ..data.cases import Case
@@ -216,8 +216,7 @@ def adapt(
     from .methods import get_method
     from .model import apply_method
 
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    check_task(task)
     names = tuple(canonical(s) for s in ([structures] if isinstance(structures, str) else structures))
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"target structures must be distinct and at least one, got {list(names)}")

@@ -20,7 +20,18 @@ from ..models import FoundationModel
 from .methods import AdaptMethod, MethodConfig, get_method
 
 Task = Literal["binary", "multiclass"]
+#: The prediction tasks: one sigmoid channel per structure, or one softmax with background.
 TASKS: tuple[str, ...] = ("binary", "multiclass")
+
+
+def check_task(task: str) -> None:
+    """Refuse a task outside :data:`TASKS`.
+
+    Raises:
+        ConfigError: naming the valid tasks.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; task must be one of {', '.join(TASKS)}")
 
 
 class AdaptedModel(nn.Module):
@@ -205,8 +216,7 @@ def apply_method(
     """
     cls = get_method(method_name)
     method = cls(config if config is not None else cls.config_cls())
-    if task not in TASKS:
-        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    check_task(task)
     method.check(model)
     targets = _target_structures(structures)
     fingerprint = base_fingerprint or model.fingerprint()

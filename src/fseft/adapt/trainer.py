@@ -26,6 +26,7 @@ import torch
 from ..errors import ConfigError
 from .early_stopping import PlateauStopper
 from .feature_cache import FeatureCache
+from .model import check_task
 from .support import CropSampler, SupportVolume, crop
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("binary", "multiclass")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 MONITORS = ("auto", "train", "val")
 
@@ -176,8 +176,7 @@ def make_loss(task: str, smooth: float = 1e-5) -> Callable[[torch.Tensor, torch.
     """
     from monai.losses import DiceLoss
 
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    check_task(task)
     if task == "multiclass":
         dice = DiceLoss(softmax=True, to_onehot_y=True, batch=True, smooth_nr=smooth, smooth_dr=smooth)
         return lambda logits, label: dice(logits, label.long())

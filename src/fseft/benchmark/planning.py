@@ -343,7 +343,7 @@ def _task_cases(
 
 
 def _model_name(protocol: Protocol, values: dict[str, str]) -> str:
-    from ..models import DEFAULT_MODEL
+    from ..defaults import DEFAULT_MODEL
 
     spec = protocol.model
     if spec.name is not None:
@@ -353,17 +353,10 @@ def _model_name(protocol: Protocol, values: dict[str, str]) -> str:
     return DEFAULT_MODEL
 
 
-def model_available(name: str) -> bool:
-    """True for a registered model, a zoo name or an existing file."""
-    from ..models import MODELS, zoo
-
-    return name in MODELS or name in zoo.ZOO or Path(name).is_file()
-
-
 def _dry_run(protocol: Protocol, tasks: Sequence[TaskCases], model_name: str) -> None:
     """Apply every (task, method) pair to the model once; a model still to be built is skipped."""
     from ..adapt.model import apply_method
-    from ..models import MODELS, load_model
+    from ..models import MODELS, load_model, model_available
 
     if not model_available(model_name):
         if protocol.model.build is None:

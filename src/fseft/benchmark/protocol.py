@@ -164,7 +164,7 @@ class TaskSpec:
     k: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        from ..adapt.trainer import TASKS
+        from ..adapt.model import check_task
         from ..anatomy import canonical
 
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -172,8 +172,7 @@ class TaskSpec:
         if isinstance(self.structures, str) or not self.structures:
             raise ConfigError("'structures' must be a non-empty list")
         object.__setattr__(self, "structures", tuple(canonical(s) for s in self.structures))
-        if self.task not in TASKS:
-            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        check_task(self.task)
         if self.k is not None:
             if isinstance(self.k, int | str) or not self.k:
                 raise ConfigError(f"task {self.name}: k must be a non-empty list of support sizes")

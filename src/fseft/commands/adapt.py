@@ -7,11 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..defaults import DEFAULT_MODEL
 from ..errors import ConfigError, DataError
 from ..io_utils import write_json_atomic
-
-#: Model used when ``--model`` is not given, if it is registered.
-DEFAULT_MODEL = "unet-small.synth"
 
 
 @dataclass(frozen=True)
@@ -197,19 +195,6 @@ def _config(args: argparse.Namespace) -> AdaptCommandConfig:
         overwrite=args.overwrite,
         transductive=_tx_config(args),
         queries=args.transductive,
-    )
-
-
-def _model_name(cfg: AdaptCommandConfig) -> str:
-    from ..models import MODELS
-
-    if cfg.model is not None:
-        return cfg.model
-    if DEFAULT_MODEL in MODELS:
-        return DEFAULT_MODEL
-    raise ConfigError(
-        f"--model is required: the bundled model {DEFAULT_MODEL!r} is not available; "
-        f"registered models: {', '.join(MODELS.names()) or 'none'}"
     )
 
 

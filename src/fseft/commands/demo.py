@@ -65,12 +65,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..benchmark import run_benchmark
-    from ..models import DEFAULT_MODEL, MODELS
+    from ..models import model_or_default
     from .benchmark import CellProgress, show_outputs
 
     cfg = DemoConfig(out=args.out, quick=args.quick, model=args.model)
-    if cfg.model is None and DEFAULT_MODEL not in MODELS:
-        raise ConfigError(f"the bundled model {DEFAULT_MODEL!r} is not installed; pass --model FILE")
+    model_or_default(cfg.model)  # a missing bundled model fails here, before anything runs
     console = Console()
     protocol = demo_protocol(cfg.quick)
     console.print(f"fseft demo: {protocol.description.strip()}")  # type: ignore[attr-defined]

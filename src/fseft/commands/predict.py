@@ -7,8 +7,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-#: Model used when ``--model`` is not given, if it is registered (fseft.models.register_model_spec).
-DEFAULT_MODEL = "unet-small.synth"
+from ..defaults import DEFAULT_MODEL
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -170,17 +169,9 @@ def _refining(on_case: Any, refiner: Any) -> Any:
 
 
 def _load(name: str | None, adapter: Path | None) -> Any:
-    from ..errors import ConfigError
-    from ..models import MODELS, load_model
+    from ..models import load_model, model_or_default
 
-    if name is None:
-        if DEFAULT_MODEL not in MODELS:
-            raise ConfigError(
-                f"no --model given and the default model {DEFAULT_MODEL!r} is not registered; "
-                "pass --model NAME or FILE (see 'fseft zoo list')"
-            )
-        name = DEFAULT_MODEL
-    model = load_model(name)
+    model = load_model(model_or_default(name))
     if adapter is None:
         return model
     from ..adapt.adapter_io import load_adapter

@@ -6,9 +6,9 @@ prints side by side the time per epoch, the time to convergence (feature caching
 ratio, and the final Dice of each on the held-out target-site cases, so the speed-up is read at
 equal Dice.
 
-    python bench/adapt_speed.py                                   # CPU: unet-small 32^3 and SwinUNETR-12 64^3
-    python bench/adapt_speed.py --arch swinunetr --feature-size 48 --roi 96 --spacing 3 --preset default --device cuda
-    python bench/adapt_speed.py --model unet-small.synth          # a pre-trained model instead of random weights
+    python perf/adapt_speed.py                                   # CPU: unet-small 32^3 and SwinUNETR-12 64^3
+    python perf/adapt_speed.py --arch swinunetr --feature-size 48 --roi 96 --spacing 3 --preset default --device cuda
+    python perf/adapt_speed.py --model unet-small.synth          # a pre-trained model instead of random weights
 
 Without ``--model`` the backbones are randomly initialised: Dice values then only show that both
 paths agree, not how good adaptation is.

@@ -4,7 +4,7 @@ Cost (default): seconds per query volume and peak memory on the current device o
 refinement (query features + refinement steps) against plain prediction (sliding window over the
 preprocessed volume), for a linear probe / spatial adapter on the synthetic assembly's target cases.
 
-    python bench/transductive.py --synth DIR [--model MODEL] [--swin]
+    python perf/transductive.py --synth DIR [--model MODEL] [--swin]
 
 Ablation (``--ablation``): on the synthetic assembly, a novel structure is adapted from k support
 cases of the target site and evaluated (Dice on the model grid) on the other target cases, without
@@ -13,7 +13,7 @@ for each k. Support and query cases never overlap.
 
     fseft synth DIR
     fseft pretrain --manifest DIR/manifest.csv --splits pretrain --model-arch unet-small ... --out RUN
-    python bench/transductive.py --ablation --synth DIR --model RUN/model.pt --structure duodenum --k 1 5
+    python perf/transductive.py --ablation --synth DIR --model RUN/model.pt --structure duodenum --k 1 5
 
 Without ``--model`` the cost benchmark uses a randomly initialised small UNet (cost does not depend
 on the weights); the ablation needs a pre-trained model.

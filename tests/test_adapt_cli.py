@@ -114,7 +114,7 @@ def test_bad_inputs_give_one_error_line_and_no_adapter(workspace, tmp_path, caps
 
 
 def test_model_is_required_without_a_bundled_model(workspace, tmp_path, capsys):
-    from fseft.commands.adapt import DEFAULT_MODEL
+    from fseft.defaults import DEFAULT_MODEL
     from fseft.models import MODELS
 
     argv = args(workspace, tmp_path / "x.safetensors")
@@ -141,7 +141,7 @@ def test_transductive_adapt_then_per_query_predict(workspace, tmp_path, capsys):
                 "--tx-warmup", "1")  # fmt: skip
     assert main(argv) == 0
     header = read_adapter_header(adapter)
-    assert header["record"]["size_priors"][0]["structure"] == "pancreas"
+    assert header["size_priors"][0]["structure"] == "pancreas" and header["transductive"]["mode"] == "batch"
     capsys.readouterr()
     image = workspace["root"] / "img3.nii.gz"
     predict = ["predict", str(image), "--model", str(workspace["model"]), "--adapter", str(adapter),
@@ -155,3 +155,24 @@ def test_transductive_adapt_then_per_query_predict(workspace, tmp_path, capsys):
     assert main(predict[:-1] + ["--constraint", "hinge", "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--constraint needs --transductive" in err[0]
+
+
+def test_lr_reaches_per_query_refinement_and_each_input_is_read_once(workspace, tmp_path, monkeypatch):
+    """'adapt --lr' is the method's one rate: training's and per-query refinement's at prediction."""
+    from fseft.inference import predictor, writer
+
+    adapter = tmp_path / "pq.safetensors"
+    argv = args(workspace, adapter, "--method", "linear-probe", "--tx-mode", "per-query", "--lr", "0.0123")
+    assert main(argv) == 0
+    assert read_adapter_header(adapter)["config"]["lr"] == 0.0123
+    assert json.loads(adapter.with_name("pq.record.json").read_text())["lr"] == 0.0123
+    rates, reads, preprocessed = [], [], []
+    adam, read, preprocess = torch.optim.Adam, writer.read_image, predictor.preprocess_image
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: rates.append(lr) or adam(params, lr=lr))
+    monkeypatch.setattr(writer, "read_image", lambda path: reads.append(path) or read(path))
+    monkeypatch.setattr(predictor, "preprocess_image", lambda *a: preprocessed.append(a) or preprocess(*a))
+    images = [str(workspace["root"] / f"img{i}.nii.gz") for i in (2, 3)]
+    assert main(["predict", *images, "--model", str(workspace["model"]), "--adapter", str(adapter),
+                 "--out", str(tmp_path / "preds"), "--device", "cpu", "--transductive"]) == 0  # fmt: skip
+    assert rates == [0.0123, 0.0123]
+    assert len(reads) == 2 and len(preprocessed) == 2  # each input read and preprocessed once

@@ -240,13 +240,21 @@ def reference(workspace, tmp_path_factory) -> Path:
     return out
 
 
-def test_per_query_transductive_cell_refines_each_query(workspace, tmp_path):
-    """A per-query row refines the adapter on every query before predicting it, and records it."""
+def test_per_query_transductive_cell_refines_each_query(workspace, tmp_path, monkeypatch):
+    """A per-query row refines the adapter on every query before predicting it (each query read and
+    preprocessed once), and records it."""
+    from fseft.inference import predictor
+
+    reads, preprocessed = [], []
+    read, preprocess = runner_module.read_image, predictor.preprocess_image
+    monkeypatch.setattr(runner_module, "read_image", lambda path: reads.append(path) or read(path))
+    monkeypatch.setattr(predictor, "preprocess_image", lambda *a: preprocessed.append(a) or preprocess(*a))
     tx = {"mode": "per-query", "constraint": "log-barrier", "steps": 3}
     data = protocol_dict(methods=[{"method": "linear-probe", "transductive": True, "transductive_options": tx}],
                          k=[1], seeds=[0])  # fmt: skip
     result = run_benchmark(write_protocol(tmp_path, data), tmp_path / "out", data_root=workspace["root"],
                            model=str(workspace["model"]))  # fmt: skip
+    assert len(reads) == 2 and len(preprocessed) == 2
     (cell,) = result.cells
     assert cell["cell"]["label"] == "linear-probe +TI per-query log-barrier"
     queries = cell["record"]["transductive"]["queries"]

@@ -244,9 +244,11 @@ def test_adapt_api_end_to_end_records_the_run(base, tmp_path, monkeypatch):
     monkeypatch.setenv("FSEFT_CACHE", str(tmp_path / "cache"))
     pool = write_cases(tmp_path, 4)
     cfg = AdaptTrainConfig(max_epochs=3, **FAST)
-    adapted, record = fseft.adapt(
+    result = fseft.adapt(
         base, pool, "Pancreas", k=2, seed=1, method="linear-probe", train_config=cfg, validation=True
     )
+    adapted, record = result.model, result.record
+    assert result.transductive is None and result.refiner() is None
     expected = sample_support(pool, ["pancreas"], 2, seed=1, validation=True)
     assert record.support_case_ids == list(expected.case_ids)
     assert record.validation_case_id == expected.validation.case_id
@@ -261,7 +263,7 @@ def test_adapt_api_end_to_end_records_the_run(base, tmp_path, monkeypatch):
     assert record.train_config["num_samples"] == 2 and record.method_config["decoder"] == "frozen"
     saved = AdaptRecord.from_dict(json.loads(record.save(tmp_path / "r.json").read_text(encoding="utf-8")))
     assert saved == record
-    _, naive = adapt(
+    naive = adapt(
         base,
         pool,
         ["pancreas"],
@@ -269,7 +271,7 @@ def test_adapt_api_end_to_end_records_the_run(base, tmp_path, monkeypatch):
         seed=1,
         method="linear-probe",
         train_config=AdaptTrainConfig(max_epochs=1, feature_cache="off", **FAST),
-    )
+    ).record
     assert naive.path == "naive" and naive.support_case_ids == record.support_case_ids
     with pytest.raises(ConfigError, match="k=5 is larger than the 4"):
         adapt(base, pool, ["pancreas"], k=5)

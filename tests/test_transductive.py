@@ -9,15 +9,32 @@ import numpy as np
 import pytest
 import torch
 
-from fseft.adapt import apply_method, read_adapter_header, save_adapter
-from fseft.adapt.constraints import (
+from fseft.adapt import apply_method, load_adapter, read_adapter_header, save_adapter
+from fseft.adapt.adapter_io import transductive_options
+from fseft.adapt.support import SupportVolume
+from fseft.adapt.trainer import AdaptTrainConfig, fit
+from fseft.adapt.transductive import (
+    BatchConstraint,
+    PerQueryRefiner,
+    QueryFeatures,
+    TransductiveConfig,
+    query_features,
+    refine,
+)
+from fseft.adapt.transductive.constraints import (
     get_constraint,
     hinge_penalty,
     in_band,
     log_barrier_extension,
     log_barrier_penalty,
 )
-from fseft.adapt.size_prior import (
+from fseft.adapt.transductive.features import (
+    band_distance,
+    penalty,
+    predicted_proportions,
+    soft_and_mask_proportions,
+)
+from fseft.adapt.transductive.priors import (
     SizePrior,
     largest_component,
     priors_from_header,
@@ -25,20 +42,6 @@ from fseft.adapt.size_prior import (
     robust_mean,
     size_priors,
 )
-from fseft.adapt.support import SupportVolume
-from fseft.adapt.trainer import AdaptTrainConfig, fit
-from fseft.adapt.transductive import (
-    PerQueryRefiner,
-    QueryFeatures,
-    TransductiveConfig,
-    band_distance,
-    penalty,
-    predicted_proportions,
-    query_features,
-    refine,
-    soft_and_mask_proportions,
-)
-from fseft.adapt.transductive_batch import BatchConstraint
 from fseft.config import PreprocessConfig
 from fseft.errors import CheckpointError, ConfigError, DataError
 from fseft.models import ModelConfig, build_model
@@ -124,13 +127,39 @@ def test_one_prior_per_structure_and_missing_structures_fail():
 def test_priors_round_trip_through_the_adapter_file(base, tmp_path):
     adapted = apply_method(base, "linear-probe", ["liver"])
     prior = size_priors([blob_volume("a", 4)], ["liver"], (1, 1, 1))
-    path = save_adapter(adapted, tmp_path / "a.safetensors", {"k": 1, **priors_to_record(prior)})
-    assert priors_from_header(read_adapter_header(path), str(path)) == prior
+    tx = TransductiveConfig(mode="per-query", constraint="log-barrier")
+    path = save_adapter(adapted, tmp_path / "a.safetensors", {"k": 1}, size_priors=prior, transductive=tx)
+    header = read_adapter_header(path)
+    assert header["version"] == 2 and header["record"] == {"k": 1}  # format fields, not provenance
+    assert priors_from_header(header, str(path)) == prior and transductive_options(header, path) == tx
     bare = save_adapter(adapted, tmp_path / "b.safetensors", {"k": 1})
     with pytest.raises(
         CheckpointError, match="b.safetensors: the adapter holds no size prior; store one with"
     ):
         priors_from_header(read_adapter_header(bare), str(bare))
+
+
+def test_version_1_adapter_files_still_load_with_their_priors(base, tmp_path):
+    """Version 1 kept the priors and options in the record; they are read into the version 2 fields."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    adapted = apply_method(base, "linear-probe", ["liver"])
+    prior = size_priors([blob_volume("a", 4)], ["liver"], (1, 1, 1))
+    v2 = save_adapter(adapted, tmp_path / "v2.safetensors", {"k": 1}, size_priors=prior)
+    with safe_open(str(v2), framework="pt") as f:
+        header = json.loads(f.metadata()["fseft"])
+    for key in ("size_priors", "transductive"):
+        del header[key]
+    tx = TransductiveConfig(mode="per-query", margin=0.2)
+    header.update(version=1, record={"k": 1, **priors_to_record(prior),
+                                     "transductive": {"config": tx.__dict__, "constraint_steps": 0}})  # fmt: skip
+    v1 = tmp_path / "v1.safetensors"
+    save_file(load_file(str(v2)), str(v1), metadata={"fseft": json.dumps(header)})
+    loaded = read_adapter_header(v1)
+    assert loaded["version"] == 1 and priors_from_header(loaded, str(v1)) == prior
+    assert transductive_options(loaded, v1) == tx
+    assert torch.equal(load_adapter(v1, base).head.weight, adapted.head.weight)
 
 
 # --- penalties --------------------------------------------------------------------------------------
@@ -352,7 +381,7 @@ def support(seed: int) -> SupportVolume:
 def train(base, prior: float | None, margin: float = 0.3, constraint: str = "hinge"):
     torch.manual_seed(0)
     adapted = apply_method(base, "linear-probe", ["liver"])
-    cfg = AdaptTrainConfig(max_epochs=5, num_samples=2, early_stopping=False, device="cpu", lr=0.05)
+    cfg = AdaptTrainConfig(max_epochs=5, num_samples=2, early_stopping=False, device="cpu")
     images = [torch.from_numpy(spheres(s)[0])[None] for s in (7, 8)]
     if prior is None:
         fit(adapted, [support(1)], cfg, lr=0.05, seed=0, path="cached")
@@ -361,7 +390,7 @@ def train(base, prior: float | None, margin: float = 0.3, constraint: str = "hin
     queries = query_features(adapted, images, ["q7", "q8"], tx)
     priors = (SizePrior("liver", prior, 1.0, 1.0, 1, (prior,), (True,)),)
     with BatchConstraint(adapted, queries, priors, tx) as constraint_steps:
-        fit(adapted, [support(1)], cfg, lr=0.05, seed=0, path="cached", progress=constraint_steps.wrap(None))
+        fit(adapted, [support(1)], cfg, lr=0.05, seed=0, path="cached", hook=constraint_steps)
     return adapted, constraint_steps
 
 
@@ -396,7 +425,7 @@ def test_batch_constraint_starts_at_the_supervised_plateau_and_gets_its_own_phas
     )
     assert plain.epochs_run == 2 and plain.stop_reason == "plateau"
     with BatchConstraint(adapted, queries, priors, tx) as steps:
-        result = fit(adapted, [support(1)], cfg, lr=0.05, seed=0, path="cached", progress=steps.wrap(None))
+        result = fit(adapted, [support(1)], cfg, lr=0.05, seed=0, path="cached", hook=steps)
     # supervised plateau at epoch 2 starts the constraint; the restarted rule fires again at epoch 4
     assert result.epochs_run == 4 and result.stop_reason == "plateau"
     assert steps.computed == 3 and steps.applied == 2  # epochs 2, 3, 4; the last one is never applied

@@ -79,6 +79,11 @@ class AdaptedModel(nn.Module):
         return self.method.config
 
     @property
+    def foundation(self) -> FoundationModel:
+        """The foundation model whose preprocessing and backbone this model runs on (:attr:`base`)."""
+        return self.base
+
+    @property
     def lr(self) -> float | None:
         """Learning rate to train with (the config's, else the paper default; ``None``: nothing trains)."""
         return self.method.lr

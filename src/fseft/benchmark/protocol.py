@@ -16,12 +16,12 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..config import from_dict, load_yaml, to_dict
 from ..errors import ConfigError
+from ..protocols import shipped_protocol, shipped_protocols
 
 METRICS = ("dice", "hd95", "nsd")
 DATA_SOURCES = ("manifest", "synth")
@@ -31,16 +31,40 @@ PLACEHOLDERS = ("data_root", "protocol_dir", "out")
 
 @dataclass(frozen=True)
 class BuildSpec:
-    """How to pre-train the foundation model when it does not exist yet (``fseft pretrain``).
+    """How to pre-train the foundation model when it does not exist yet
+    (:func:`fseft.training.api.pretrain_foundation`, the road ``fseft pretrain`` takes too).
 
     Args:
         assembly: Assembly recipe (:mod:`fseft.training.assembly` format), relative to the protocol
             file; its ``manifest`` paths are relative to the data root.
-        args: Further ``fseft pretrain`` arguments (``--out`` and ``--assembly`` are added).
+        arch: Backbone (``fseft pretrain --model-arch``).
+        feature_size: Backbone width.
+        preprocess: :class:`~fseft.config.PreprocessConfig` fields (e.g. ``spacing``, ``roi``).
+        train: :class:`~fseft.training.config.TrainConfig` fields (e.g. ``steps``).
     """
 
     assembly: str
-    args: tuple[str, ...] = ()
+    arch: str = "swinunetr"
+    feature_size: int = 48
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def job(self, assembly: Path, out: Path, *, resume: bool = False) -> Any:
+        """The :class:`~fseft.training.api.PretrainJob` writing into ``out`` from a resolved assembly file.
+
+        Raises:
+            ConfigError: invalid preprocessing or training fields, or an invalid assembly.
+        """
+        from ..config import PreprocessConfig
+        from ..training.api import PretrainJob
+        from ..training.assembly import load_assembly
+        from ..training.config import TrainConfig
+
+        return PretrainJob(
+            assembly=load_assembly(assembly), preprocess=from_dict(PreprocessConfig, dict(self.preprocess)),
+            train=from_dict(TrainConfig, dict(self.train)), out=out, arch=self.arch,
+            feature_size=self.feature_size, resume=resume,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -399,6 +423,8 @@ def validate(protocol: Protocol) -> None:
             build()
         except ConfigError as e:
             raise ConfigError(f"{w}: {key}: {e}") from None
+    if protocol.model.build is not None:
+        _check_build(protocol.model.build, f"{w}: model.build")
     groups = set(protocol.groups())
     labels: list[str] = []
     for i, spec in enumerate(protocol.methods):
@@ -424,6 +450,19 @@ def validate(protocol: Protocol) -> None:
         raise ConfigError(f"{w}: methods: duplicate row labels {dupes}; give each a distinct 'label'")
 
 
+def _check_build(build: BuildSpec, where: str) -> None:
+    from ..config import PreprocessConfig
+    from ..models import get_backbone
+    from ..training.config import TrainConfig
+
+    try:
+        get_backbone(build.arch)
+        from_dict(PreprocessConfig, dict(build.preprocess))
+        from_dict(TrainConfig, dict(build.train))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def load_protocol(path: str | os.PathLike[str]) -> Protocol:
     """Read and validate a protocol YAML; a bare name (``synthetic``) is a shipped protocol.
 
@@ -434,28 +473,6 @@ def load_protocol(path: str | os.PathLike[str]) -> Protocol:
     if not p.suffix and not p.exists():
         p = shipped_protocol(str(path))
     return parse_protocol(load_yaml(p), str(p))
-
-
-def shipped_protocols() -> list[str]:
-    """Names of the protocols shipped with fseft."""
-    folder = resources.files("fseft.protocols")
-    return sorted(
-        f.name[: -len(".yaml")]
-        for f in folder.iterdir()
-        if f.name.endswith(".yaml") and not f.name.endswith("_assembly.yaml")
-    )
-
-
-def shipped_protocol(name: str) -> Path:
-    """Path of the shipped protocol ``name``.
-
-    Raises:
-        ConfigError: listing the shipped protocols.
-    """
-    path = Path(str(resources.files("fseft.protocols").joinpath(f"{name}.yaml")))
-    if name not in shipped_protocols() or not path.is_file():
-        raise ConfigError(f"unknown protocol {name!r}; shipped protocols: {', '.join(shipped_protocols())}")
-    return path
 
 
 def expand(template: str, **values: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -22,10 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
+from ..adapt.api import adapt
+from ..adapt.methods import get_method
+from ..adapt.transductive import PerQueryRefiner
+from ..config import to_dict
+from ..data.cases import Case
+from ..data.io import read_image, read_label
 from ..errors import ConfigError, DataError
-from ..io_utils import atomic_path, write_json_atomic
-from .planning import Cell, Plan, model_available
+from ..evaluation import evaluate_masks
+from ..inference import PredictConfig, RefineHook, predict_image
+from ..io_utils import atomic_path, write_json_atomic, write_text_atomic
+from ..models import load_model, model_available
+from ..training.api import pretrain_foundation
+from .planning import Cell, Plan
+from .protocol import Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +133,6 @@ def _check_cached(plan: Plan, cell: Cell, path: Path) -> None:
 
 
 def _load_model(plan: Plan, out: Path) -> Any:
-    from ..models import load_model
-
     if not model_available(plan.model):
         _build_model(plan, out)
     return load_model(plan.model)
@@ -129,11 +140,6 @@ def _load_model(plan: Plan, out: Path) -> Any:
 
 def _build_model(plan: Plan, out: Path) -> None:
     """Pre-train the protocol's foundation model into ``OUT/foundation`` (its ``build`` recipe)."""
-    import yaml
-
-    from ..cli import main
-    from ..io_utils import write_text_atomic
-
     build = plan.protocol.model.build
     if build is None:
         raise ConfigError(f"model {plan.model!r} not found")
@@ -146,13 +152,11 @@ def _build_model(plan: Plan, out: Path) -> None:
     folder = Path(plan.model).parent
     assembly = folder / "assembly.yaml"
     write_text_atomic(assembly, yaml.safe_dump(data, sort_keys=False))
-    argv = ["pretrain", "--assembly", str(assembly), "--out", str(folder), *build.args]
-    if (folder / "checkpoint.pt").is_file():
-        argv.append("--resume")
-    logger.info("building the foundation model: fseft %s", " ".join(argv))
-    code = main(argv)
-    if code != 0 or not Path(plan.model).is_file():
-        raise ConfigError(f"building the foundation model failed (fseft {' '.join(argv)})")
+    job = build.job(assembly, folder, resume=(folder / "checkpoint.pt").is_file())
+    logger.info("building the foundation model %s (%s, resume: %s)", plan.model, build.arch, job.resume)
+    pretrain_foundation(job, extra={"protocol": plan.protocol.name, "build": to_dict(build)})
+    if not Path(plan.model).is_file():
+        raise ConfigError(f"building the foundation model failed: {plan.model} was not written")
 
 
 def run_cell(
@@ -170,33 +174,16 @@ def run_cell(
     Returns:
         ``{"format", "cell", "config_hash", "config", "record", "cost", "metrics"}``.
     """
-    from ..adapt.adapter_io import save_adapter
-    from ..adapt.api import adapt
-    from ..adapt.methods import get_method
-
     protocol, spec, task = plan.protocol, plan.method(cell), plan.task(cell.task)
-    options = dict(k=cell.k, seed=cell.seed, method=spec.method, task=task.spec.task,
-                   method_config=spec.method_config(), train_config=protocol.train_config(), progress=on_epoch)  # fmt: skip
-    extra: dict[str, Any] = {}
-    refiner = None
-    if spec.transductive:
-        from ..adapt.transductive import PerQueryRefiner
-        from ..adapt.transductive_batch import adapt_transductive
-
-        tx_config = spec.transductive_config()
-        adapted, record, tx = adapt_transductive(
-            model, task.pool, task.spec.structures, task.queries, transductive=tx_config, **options
-        )  # fmt: skip
-        extra = tx.to_record()
-        if tx_config.mode == "per-query":
-            refiner = PerQueryRefiner(adapted, tx.priors, tx_config)
-    else:
-        adapted, record = adapt(model, task.pool, task.spec.structures, **options)
-    adapter = out / ADAPTERS_DIR / f"{cell.cell_id}.safetensors"
-    save_adapter(adapted, adapter, {**record.to_dict(), **extra})
-    rows = evaluate_queries(adapted, task.queries, task.spec.structures, protocol, refiner=refiner)
-    if refiner is not None:
-        extra["transductive"]["queries"] = [r.to_dict() for r in refiner.reports]
+    result = adapt(model, task.pool, task.spec.structures, k=cell.k, seed=cell.seed, method=spec.method,
+                   task=task.spec.task, method_config=spec.method_config(), train_config=protocol.train_config(),
+                   transductive=spec.transductive_config(), queries=task.queries, progress=on_epoch)  # fmt: skip
+    adapter = result.save(out / ADAPTERS_DIR / f"{cell.cell_id}.safetensors")
+    refiner = result.refiner()
+    rows = evaluate_queries(result.model, task.queries, task.spec.structures, protocol, refiner=refiner)
+    if refiner is not None and result.transductive is not None:
+        result.transductive.reports = list(refiner.reports)
+    record = result.record
     cost = {
         "trainable_params": record.trainable_params,
         "adapter_bytes": adapter.stat().st_size,
@@ -212,14 +199,19 @@ def run_cell(
                  "k_independent": get_method(spec.method).paper_lr is None},
         "config_hash": plan.config_hash(cell),
         "config": plan.cell_config(cell),
-        "record": {**record.to_dict(), **extra},
+        "record": result.record_dict(),
         "cost": cost,
         "metrics": rows,
     }  # fmt: skip
 
 
 def evaluate_queries(
-    adapted: Any, queries: Sequence[Any], structures: Sequence[str], protocol: Any, *, refiner: Any = None
+    adapted: Any,
+    queries: Sequence[Case],
+    structures: Sequence[str],
+    protocol: Protocol,
+    *,
+    refiner: PerQueryRefiner | None = None,
 ) -> list[dict[str, Any]]:
     """Predict each query case on its own grid and score it against its reference.
 
@@ -229,8 +221,8 @@ def evaluate_queries(
         structures: Target structures, in the model's channel order.
         protocol: The protocol (prediction options, NSD tolerance).
         refiner: A :class:`~fseft.adapt.transductive.PerQueryRefiner` over ``adapted``: each query
-            refines the adapter before it is predicted (per-query transductive inference); the
-            original adapter is restored afterwards.
+            refines the adapter (prediction's refinement hook) before it is predicted; the original
+            adapter is restored afterwards.
 
     Returns:
         One row per (case, structure): ``case, structure, dice, hd95_mm, nsd, vol_pred_ml,
@@ -240,22 +232,22 @@ def evaluate_queries(
     rows = []
     with refiner if refiner is not None else contextlib.nullcontext():
         for case in queries:
-            rows.extend(_score_query(adapted, case, structures, protocol, config, refiner))
+            hook = None if refiner is None else functools.partial(refiner.refine, case.case_id)
+            rows.extend(_score_query(adapted, case, structures, protocol, config, hook))
     return rows
 
 
 def _score_query(
-    adapted: Any, case: Any, structures: Sequence[str], protocol: Any, config: Any, refiner: Any
+    adapted: Any,
+    case: Case,
+    structures: Sequence[str],
+    protocol: Protocol,
+    config: PredictConfig,
+    refine: RefineHook | None,
 ) -> list[dict[str, Any]]:
-    """Metric rows of one query case (refined first when ``refiner`` is given)."""
-    from ..data.io import read_image, read_label
-    from ..evaluation import evaluate_masks
-    from ..inference import predict_image
-
+    """Metric rows of one query case (read once; refined on its preprocessed image when ``refine``)."""
     image = read_image(case.image)
-    if refiner is not None:
-        refiner.refine_image(case.case_id, image)
-    prediction = predict_image(adapted, image, config=config)
+    prediction = predict_image(adapted, image, config=config, refine=refine)
     masks: dict[str, np.ndarray] = {}
     for source in case.labels:
         for name, mask in read_label(source, image, structures=structures).items():

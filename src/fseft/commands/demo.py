@@ -8,8 +8,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
-
 #: ``--quick``: tiny synthetic volumes, k = 1, two epochs (a smoke test of the pipeline).
 QUICK_CASES = 12
 QUICK_EPOCHS = 2

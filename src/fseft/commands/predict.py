@@ -116,9 +116,8 @@ def run(args: argparse.Namespace) -> int:
     refiner = (_refiner(model, args.adapter, args.device, args.constraint) if args.transductive
                else contextlib.nullcontext())  # fmt: skip
     with _PredictProgress(console, len(inputs)) as (on_case, on_window), refiner:
-        if args.transductive:
-            on_case = _refining(on_case, refiner)
-        written = predict_files(model, inputs, output, config=config, on_case=on_case, progress=on_window)
+        written = predict_files(model, inputs, output, config=config, on_case=on_case, progress=on_window,
+                                refine=refiner.refine if args.transductive else None)  # fmt: skip
     cases = sum(1 for p in written if p.name != "labels.json")
     console.print(f"wrote {cases} file(s) for {len(inputs)} case(s) to {args.out}")
     for r in getattr(refiner, "reports", []):
@@ -138,10 +137,8 @@ def _refiner(model: Any, adapter: Path | None, device: str, constraint: str | No
     """
     from dataclasses import replace
 
-    from ..adapt.adapter_io import read_adapter_header
-    from ..adapt.size_prior import priors_from_header
-    from ..adapt.transductive import PerQueryRefiner, TransductiveConfig
-    from ..config import from_dict
+    from ..adapt.adapter_io import read_adapter_header, transductive_options
+    from ..adapt.transductive import PerQueryRefiner, TransductiveConfig, priors_from_header
     from ..errors import ConfigError
     from ..runtime import resolve_device
 
@@ -150,22 +147,10 @@ def _refiner(model: Any, adapter: Path | None, device: str, constraint: str | No
             "--transductive refines an adapter: pass --adapter FILE (adapted with a size prior)"
         )
     header = read_adapter_header(adapter)
-    stored = (header.get("record") or {}).get("transductive", {}).get("config")
-    cfg = replace(from_dict(TransductiveConfig, stored) if stored else TransductiveConfig(), mode="per-query")
+    cfg = replace(transductive_options(header, adapter) or TransductiveConfig(), mode="per-query")
     if constraint:
         cfg = replace(cfg, constraint=constraint)
     return PerQueryRefiner(model.to(resolve_device(device)), priors_from_header(header, str(adapter)), cfg)
-
-
-def _refining(on_case: Any, refiner: Any) -> Any:
-    """``on_case`` that also refines the adapter on the input about to be predicted."""
-    from ..data.io import read_image
-
-    def hook(index: int, count: int, item: Any) -> None:
-        on_case(index, count, item)
-        refiner.refine_image(item.name, read_image(item.path))
-
-    return hook
 
 
 def _load(name: str | None, adapter: Path | None) -> Any:

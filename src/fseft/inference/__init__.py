@@ -6,7 +6,7 @@ Public API: :func:`predict_image` (one in-memory image -> :class:`Prediction`), 
 """
 
 from .inputs import PredictInput, find_inputs
-from .predictor import PredictConfig, Prediction, describe_model, predict_image
+from .predictor import PredictConfig, Prediction, RefineHook, describe_model, predict_image
 from .writer import FORMATS, LABELS_JSON, PROBABILITY_DTYPES, OutputConfig, predict_files, write_prediction
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "PredictConfig",
     "PredictInput",
     "Prediction",
+    "RefineHook",
     "describe_model",
     "find_inputs",
     "predict_files",

@@ -14,6 +14,7 @@ hence the uint8 encoding (resolution 1/255) as the compact choice.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from torch import nn
 
 from ..data.image import Image
@@ -38,6 +40,8 @@ PROBABILITY_DTYPES: tuple[str, ...] = ("uint8", "float32")
 
 #: ``(index, number of inputs, input)`` before each input is predicted.
 CaseProgress = Callable[[int, int, PredictInput], None]
+#: ``(case name, preprocessed [1, X, Y, Z] image)`` before the case is predicted (see ``RefineHook``).
+CaseRefineHook = Callable[[str, torch.Tensor], object]
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ def predict_files(
     config: PredictConfig | None = None,
     on_case: CaseProgress | None = None,
     progress: WindowProgress | None = None,
+    refine: CaseRefineHook | None = None,
 ) -> list[Path]:
     """Predict files, folders, DICOM series or manifest cases and write the results.
 
@@ -163,6 +168,8 @@ def predict_files(
         config: Inference options (``probabilities`` is set from ``output``).
         on_case: Called before each input with ``(index, count, input)``.
         progress: Window progress within the current input (see :func:`predict_image`).
+        refine: Called with each case's name and preprocessed image before it is predicted (e.g.
+            :meth:`fseft.adapt.transductive.PerQueryRefiner.refine`).
 
     Returns:
         Every file written.
@@ -181,7 +188,8 @@ def predict_files(
     for index, item in enumerate(items):
         if on_case is not None:
             on_case(index, len(items), item)
-        prediction = predict_image(model, read_image(item.path), config=config, progress=progress)
+        hook = None if refine is None else functools.partial(refine, item.name)
+        prediction = predict_image(model, read_image(item.path), config=config, progress=progress, refine=hook)
         written += write_prediction(prediction, item.name, output)
     return written
 

@@ -1,49 +1,30 @@
 """Batch-mode constrained transductive adaptation: the size constraint on all query volumes,
-combined with the supervised Dice loss during few-shot training (see :mod:`fseft.adapt.transductive`).
+combined with the supervised Dice loss during few-shot training (``fseft adapt --transductive QUERIES``).
 
 After ``warmup_epochs`` supervised epochs (or earlier, at the epoch where the supervised loss
 plateaus: early stopping then restarts for the constrained phase), once per epoch, the gradient of
 ``lam * mean_{query, structure} penalty`` is added to the next supervised Dice step, so that step
 minimises ``Dice + lam * penalty`` with the trainer's own AdamW optimiser and schedule (the paper's
-reference code also shares its optimiser between the two losses). The trainer runs unchanged: the
-constraint is computed in its per-epoch progress callback and injected by parameter gradient hooks.
+reference code also shares its optimiser between the two losses). The trainer calls the constraint
+as its epoch hook; the gradient is injected by parameter gradient hooks.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import ConfigError
-from .size_prior import SizePrior
-from .transductive import (
-    QueryFeatures,
-    QueryReport,
-    TransductiveConfig,
-    check_black_box,
-    penalty,
-    predicted_proportions,
-    prior_tensor,
-    query_features,
-)
+from ...errors import ConfigError
+from .config import QueryReport, TransductiveConfig, TransductiveResult
+from .features import QueryFeatures, check_black_box, penalty, predicted_proportions, prior_tensor
+from .priors import SizePrior
 
 if TYPE_CHECKING:
-    from ..config import PreprocessConfig
-    from ..data.cases import Case
-    from ..models import FoundationModel
-    from .api import AdaptRecord
-    from .model import AdaptedModel
-    from .trainer import AdaptTrainConfig, EpochReport, Progress
-
-logger = logging.getLogger(__name__)
-
+    from ..model import AdaptedModel
+    from ..trainer import EpochReport
 
 class BatchConstraint:
     """Batch-mode constraint steps during supervised training, through the trainer's progress callback.
@@ -56,8 +37,7 @@ class BatchConstraint:
     that step minimises ``Dice + lam * penalty`` with the trainer's optimiser and learning rate. The
     gradient pending when training stops is dropped.
 
-    Use as a context manager around :func:`~fseft.adapt.trainer.fit` and pass :meth:`wrap` ``(progress)``
-    as its progress callback.
+    Use as a context manager around :func:`~fseft.adapt.trainer.fit` and pass it as its epoch ``hook``.
 
     Args:
         adapted: The adapted model being trained (black-box method).
@@ -111,21 +91,20 @@ class BatchConstraint:
 
         return add_pending
 
-    def wrap(self, progress: Progress | None) -> Progress:
-        """A progress callback that takes the constraint step, then calls ``progress``."""
+    def after_epoch(self, report: EpochReport) -> bool:
+        """The trainer's epoch hook: take the constraint step once the constrained phase has begun.
 
-        def callback(report: EpochReport) -> bool:
-            restart = False
-            if report.stage == "train":
-                if not self.started and (report.epoch >= self.cfg.warmup_epochs or report.plateau):
-                    self.started, restart = True, report.plateau
-                if self.started:
-                    self.step()
-            if progress is not None:
-                progress(report)
-            return restart
-
-        return callback
+        Returns:
+            True at the epoch where a supervised plateau starts the constrained phase, so the
+            trainer's early stopping starts over.
+        """
+        restart = False
+        if report.stage == "train":
+            if not self.started and (report.epoch >= self.cfg.warmup_epochs or report.plateau):
+                self.started, restart = True, report.plateau
+            if self.started:
+                self.step()
+        return restart
 
     def proportions(self) -> list[list[float]]:
         """Current predicted proportions, per query and structure."""
@@ -169,146 +148,10 @@ class BatchConstraint:
             for q, b, a in zip(self.queries, before, after, strict=True)
         ]
 
-
-@dataclass
-class TransductiveResult:
-    """What transductive adaptation learnt and did.
-
-    Args:
-        config: The options used.
-        priors: One size prior per target structure (from the support volumes).
-        reports: Per-query predicted vs prior proportions (batch mode; empty in per-query mode).
-        constraint_steps: Constraint gradients applied to supervised steps (batch mode).
-        feature_time_s: Seconds spent computing the query features.
-        constraint_time_s: Seconds spent computing constraint gradients (batch mode).
-    """
-
-    config: TransductiveConfig
-    priors: tuple[SizePrior, ...]
-    reports: list[QueryReport] = field(default_factory=list)
-    constraint_steps: int = 0
-    feature_time_s: float = 0.0
-    constraint_time_s: float = 0.0
-
-    def to_record(self) -> dict[str, Any]:
-        """``{"size_priors": [...], "transductive": {...}}``, to merge into the adapter file's record."""
-        from ..config import to_dict
-        from .size_prior import priors_to_record
-
-        return {
-            **priors_to_record(self.priors),
-            "transductive": {
-                "config": to_dict(self.config),
-                "constraint_steps": self.constraint_steps,
-                "feature_time_s": self.feature_time_s,
-                "constraint_time_s": self.constraint_time_s,
-                "queries": [r.to_dict() for r in self.reports],
-            },
-        }
+    def record(self, result: TransductiveResult) -> None:
+        """Store the per-query reports, applied steps and constraint time in ``result``."""
+        result.reports, result.constraint_steps = self.reports(), self.applied
+        result.constraint_time_s = self.seconds
 
 
-def load_query_images(
-    cases: Sequence[Case], structures: Sequence[str], preprocess: PreprocessConfig
-) -> list[torch.Tensor]:
-    """Preprocessed ``[1, X, Y, Z]`` images of unlabelled query cases (labels are never read).
-
-    Raises:
-        DataError: when a case's image cannot be read.
-    """
-    from ..data.dataset import PreprocessedCache
-
-    cache = PreprocessedCache(structures, preprocess, with_label=False)
-    out = []
-    for case in cases:
-        image = cache.get(case)["image"]
-        out.append((image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)).float())
-    return out
-
-
-def adapt_transductive(
-    model: FoundationModel | str | os.PathLike[str],
-    support: str | os.PathLike[str] | Sequence[Case],
-    structures: str | Sequence[str],
-    queries: str | os.PathLike[str] | Sequence[Case] | None,
-    *,
-    transductive: TransductiveConfig | None = None,
-    k: int = 5,
-    seed: int = 0,
-    method: str = "spatial-adapter",
-    task: str = "binary",
-    method_config: Any | None = None,
-    train_config: AdaptTrainConfig | None = None,
-    validation: str | bool | None = None,
-    progress: Progress | None = None,
-) -> tuple[AdaptedModel, AdaptRecord, TransductiveResult]:
-    """:func:`fseft.adapt.api.adapt` plus size priors and, in batch mode, the query constraint.
-
-    Args:
-        model: A foundation model, a registered model name or a model file.
-        support: Manifest path or cases the k-shot support is drawn from.
-        structures: Target structure(s).
-        queries: Unlabelled query cases (manifest path or cases); required in batch mode, unused
-            (may be None) in per-query mode, where only the priors are learnt for prediction time.
-        transductive: Options (defaults: batch mode, hinge, lambda 0.1, margin 0.3).
-        k: Support volumes.
-        seed: Seed of sampling, initialisation and crops.
-        method: A black-box adaptation method.
-        task: ``"binary"`` or ``"multiclass"``.
-        method_config: The method's config (dataclass or dict), None for defaults.
-        train_config: Supervised training options.
-        validation: Held-out validation case id, True, or None.
-        progress: Per-epoch callback.
-
-    Returns:
-        ``(adapted model in eval mode, record of the run, transductive result)``.
-
-    Raises:
-        ConfigError: as :func:`~fseft.adapt.api.adapt`, a method that is not black-box, or batch
-            mode without queries.
-        DataError: unreadable cases, or a structure absent from every support volume.
-    """
-    from .api import adapt
-    from .size_prior import size_priors
-
-    tx = transductive or TransductiveConfig()
-    if tx.mode == "batch" and queries is None:
-        raise ConfigError("transductive batch mode needs query volumes (a manifest of unlabelled cases)")
-    holder: dict[str, TransductiveResult] = {}
-
-    @contextlib.contextmanager
-    def around_fit(adapted: AdaptedModel, volumes: Sequence[Any], on_epoch: Progress | None) -> Iterator[Any]:
-        check_black_box(adapted)
-        pre = adapted.base.config.preprocess
-        result = holder["result"] = TransductiveResult(
-            tx, size_priors(volumes, adapted.structures, pre.spacing)
-        )
-        if tx.mode != "batch":
-            yield on_epoch
-            return
-        from .api import _resolve_cases
-
-        query_cases = _resolve_cases(queries)  # type: ignore[arg-type]
-        t0 = time.perf_counter()
-        images = load_query_images(query_cases, adapted.structures, pre)
-        feats = query_features(adapted, images, [c.case_id for c in query_cases], tx)
-        result.feature_time_s = time.perf_counter() - t0
-        with BatchConstraint(adapted, feats, result.priors, tx) as constraint:
-            yield constraint.wrap(on_epoch)
-        result.reports, result.constraint_steps = constraint.reports(), constraint.applied
-        result.constraint_time_s = constraint.seconds
-
-    adapted, record = adapt(
-        model, support, structures, k=k, seed=seed, method=method, task=task, method_config=method_config,
-        train_config=train_config, validation=validation, progress=progress, around_fit=around_fit,
-    )  # fmt: skip
-    result = holder["result"]
-    record.feature_time_s += result.feature_time_s
-    if tx.mode == "batch" and result.constraint_steps == 0:
-        logger.warning(
-            "training stopped after %d epoch(s), before any constraint step (warm-up %d epochs, "
-            "or the first plateau)", record.epochs_run, tx.warmup_epochs,
-        )  # fmt: skip
-    return adapted, record, result
-
-
-__all__ = ["BatchConstraint", "TransductiveResult", "adapt_transductive", "load_query_images"]
+__all__ = ["BatchConstraint"]

@@ -11,7 +11,15 @@ import pytest
 import torch
 import yaml
 
-from fseft.benchmark import load_protocol, parse_protocol, plan, read_cells, run_benchmark, shipped_protocols
+from fseft.benchmark import (
+    CellResult,
+    load_protocol,
+    parse_protocol,
+    plan,
+    read_cells,
+    run_benchmark,
+    shipped_protocols,
+)
 from fseft.benchmark import runner as runner_module
 from fseft.benchmark.planning import shard
 from fseft.cli import main
@@ -256,22 +264,24 @@ def test_per_query_transductive_cell_refines_each_query(workspace, tmp_path, mon
                            model=str(workspace["model"]))  # fmt: skip
     assert len(reads) == 2 and len(preprocessed) == 2
     (cell,) = result.cells
-    assert cell["cell"]["label"] == "linear-probe +TI per-query log-barrier"
-    queries = cell["record"]["transductive"]["queries"]
+    assert cell.cell.label == "linear-probe +TI per-query log-barrier"
+    queries = cell.record["transductive"]["queries"]
     assert [q["query"] for q in queries] == ["case4", "case5"]
     assert all(q["steps"] == 3 and q["before"] != q["after"] for q in queries)
-    assert {m["case"] for m in cell["metrics"]} == {"case4", "case5"}
+    assert {m.case for m in cell.metrics} == {"case4", "case5"}
 
 
 @pytest.mark.slow
 def test_outputs_and_tables(reference):
     cells = read_cells([reference])
     assert len(cells) == 10
-    cell = next(c for c in cells if c["cell"]["label"] == "spatial-adapter +TI")
-    assert cell["record"]["transductive"]["constraint_steps"] >= 1 and "size_priors" in cell["record"]
-    assert cell["record"]["transductive"]["constraint_time_s"] > 0
-    assert {m["case"] for m in cell["metrics"]} == {"case4", "case5"}
-    assert cell["cost"]["trainable_params"] > 0 and cell["cost"]["adapter_bytes"] > 0
+    cell = next(c for c in cells if c.cell.label == "spatial-adapter +TI")
+    assert cell.record["transductive"]["constraint_steps"] >= 1 and "size_priors" in cell.record
+    assert cell.record["transductive"]["constraint_time_s"] > 0
+    assert {m.case for m in cell.metrics} == {"case4", "case5"}
+    assert cell.cost.trainable_params > 0 and cell.cost.adapter_bytes > 0
+    stored = json.loads((reference / "cells" / f"{cell.cell_id}.json").read_text(encoding="utf-8"))
+    assert CellResult.from_dict(stored, "cell") == cell and cell.to_dict() == stored  # the file's shape, typed
     with open(reference / "results_per_case.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 20 and {
@@ -288,8 +298,8 @@ def test_outputs_and_tables(reference):
     table = (reference / "results.md").read_text(encoding="utf-8")
     assert "| method | k=1 | k=2 | trainable params | adapter size | peak memory | adapt time |" in table
     # mean over the query cases per seed, then mean ± std over seeds
-    lp = [c for c in cells if c["cell"]["label"] == "linear-probe" and c["cell"]["k"] == 2]
-    per_seed = [np.mean([m["dice"] for m in c["metrics"]]) for c in lp]
+    lp = [c for c in cells if c.cell.label == "linear-probe" and c.cell.k == 2]
+    per_seed = [np.mean([m.dice for m in c.metrics]) for c in lp]
     line = next(x for x in table.splitlines() if x.startswith("| linear-probe |"))
     assert line.split(" | ")[2] == f"{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f}"
     zero = next(x for x in table.splitlines() if x.startswith("| zero-shot |")).split(" | ")
@@ -361,3 +371,23 @@ def test_shards_merge_to_the_unsharded_result(workspace, reference, tmp_path):
 def test_parse_protocol_names_the_source():
     with pytest.raises(ConfigError, match=r"^inline: missing field 'k'$"):
         parse_protocol({"name": "x", "tasks": [], "methods": []}, "inline")
+
+
+def test_model_build_recipe_pretrains_through_the_library(workspace, tmp_path, monkeypatch):
+    """A protocol's model.build pre-trains with the library's pre-training API, never the CLI."""
+    import fseft.cli
+    from fseft.models import load_model
+
+    monkeypatch.setattr(fseft.cli, "main", lambda argv: pytest.fail(f"the benchmark called the CLI: {argv}"))
+    (tmp_path / "assembly.yaml").write_text(yaml.safe_dump({"datasets": [{"manifest": "manifest.csv"}]}))
+    build = {"assembly": "assembly.yaml", "arch": "unet-small", "feature_size": 4,
+             "preprocess": {"spacing": [2, 2, 2], "roi": [32, 32, 32], "num_samples": 1},
+             "train": {"steps": 1, "device": "cpu"}}  # fmt: skip
+    data = protocol_dict(model={"build": build}, methods=[{"method": "linear-probe"}], k=[1], seeds=[0])
+    resolved = plan(load_protocol(write_protocol(tmp_path, data)), data_root=workspace["root"], out=tmp_path / "out")
+    runner_module._build_model(resolved, tmp_path / "out")
+    model = load_model(resolved.model)
+    assert model.structures == ("pancreas",) and model.config.preprocess.spacing == (2.0, 2.0, 2.0)
+    assert model.extra["steps"] == 1 and model.extra["protocol"] == "tiny"
+    with pytest.raises(ConfigError, match="model.build: .*steps"):
+        parse_protocol(protocol_dict(model={"build": {**build, "train": {"steps": 0}}}), "p.yaml")

@@ -1,6 +1,6 @@
 """Run a benchmark grid: one cell (task x method x k x seed) at a time, each written atomically.
 
-A finished cell is a JSON file ``OUT/cells/<cell id>.json`` holding the cell's configuration (and
+A finished cell is a JSON file ``OUT/cells/<cell id>.json`` (a :class:`~fseft.benchmark.cells.CellResult`) holding the cell's configuration (and
 its hash), the adaptation record, the cost (trainable parameters, adapter file size, peak memory,
 adaptation wall time) and the per-query-case metrics. A cell whose file exists is never
 recomputed, so an interrupted benchmark resumes where it stopped; a file written under a different
@@ -37,6 +37,7 @@ from ..inference import PredictConfig, RefineHook, predict_image
 from ..io_utils import atomic_path, write_json_atomic, write_text_atomic
 from ..models import load_model, model_available
 from ..training.api import pretrain_foundation
+from .cells import CellCost, CellResult, MetricRow
 from .planning import Cell, Plan
 from .protocol import Protocol
 
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 CELLS_DIR = "cells"
 ADAPTERS_DIR = "adapters"
-CELL_FORMAT = "fseft-benchmark-cell"
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def run_cells(
             on_cell(CellEvent("start", i, len(cells), cell))
         start = time.perf_counter()
         result = run_cell(plan, cell, model, out, on_epoch=on_epoch)
-        write_json_atomic(cell_path(out, cell), result)
+        write_json_atomic(cell_path(out, cell), result.to_dict())
         if on_cell:
             on_cell(CellEvent("done", i, len(cells), cell, time.perf_counter() - start))
     return paths
@@ -161,8 +161,8 @@ def _build_model(plan: Plan, out: Path) -> None:
 
 def run_cell(
     plan: Plan, cell: Cell, model: Any, out: Path, *, on_epoch: Callable[[Any], None] | None = None
-) -> dict[str, Any]:
-    """Adapt, predict every query case, evaluate; returns the cell's JSON-able result.
+) -> CellResult:
+    """Adapt, predict every query case, evaluate; returns the cell's result.
 
     Args:
         plan: The resolved benchmark.
@@ -172,7 +172,7 @@ def run_cell(
         on_epoch: Per-epoch progress callback.
 
     Returns:
-        ``{"format", "cell", "config_hash", "config", "record", "cost", "metrics"}``.
+        The :class:`~fseft.benchmark.cells.CellResult`.
     """
     protocol, spec, task = plan.protocol, plan.method(cell), plan.task(cell.task)
     result = adapt(model, task.pool, task.spec.structures, k=cell.k, seed=cell.seed, method=spec.method,
@@ -184,25 +184,13 @@ def run_cell(
     if refiner is not None and result.transductive is not None:
         result.transductive.reports = list(refiner.reports)
     record = result.record
-    cost = {
-        "trainable_params": record.trainable_params,
-        "adapter_bytes": adapter.stat().st_size,
-        "peak_memory_bytes": record.peak_memory_bytes,
-        "memory_kind": record.memory_kind,
-        "adapt_wall_s": record.wall_time_s,
-        "device": record.device,
-    }
-    return {
-        "format": CELL_FORMAT,
-        "cell": {**dataclasses.asdict(cell), "column": cell.column, "cell_id": cell.cell_id, "method": spec.method,
-                 "decoder": spec.method_config().decoder, "transductive": spec.transductive,
-                 "k_independent": get_method(spec.method).paper_lr is None},
-        "config_hash": plan.config_hash(cell),
-        "config": plan.cell_config(cell),
-        "record": result.record_dict(),
-        "cost": cost,
-        "metrics": rows,
-    }  # fmt: skip
+    cost = CellCost(record.trainable_params, adapter.stat().st_size, record.peak_memory_bytes, record.memory_kind,
+                    record.wall_time_s, record.device)  # fmt: skip
+    return CellResult(
+        cell=cell, method=spec.method, decoder=spec.method_config().decoder, transductive=spec.transductive,
+        k_independent=get_method(spec.method).paper_lr is None, config_hash=plan.config_hash(cell),
+        config=plan.cell_config(cell), record=result.record_dict(), cost=cost, metrics=tuple(rows),
+    )  # fmt: skip
 
 
 def evaluate_queries(
@@ -212,7 +200,7 @@ def evaluate_queries(
     protocol: Protocol,
     *,
     refiner: PerQueryRefiner | None = None,
-) -> list[dict[str, Any]]:
+) -> list[MetricRow]:
     """Predict each query case on its own grid and score it against its reference.
 
     Args:
@@ -225,8 +213,7 @@ def evaluate_queries(
             adapter is restored afterwards.
 
     Returns:
-        One row per (case, structure): ``case, structure, dice, hd95_mm, nsd, vol_pred_ml,
-        vol_gt_ml, flag`` (NaN metrics as None).
+        One :class:`~fseft.benchmark.cells.MetricRow` per (case, structure) (NaN metrics as None).
     """
     config = protocol.predict_config()
     rows = []
@@ -244,7 +231,7 @@ def _score_query(
     protocol: Protocol,
     config: PredictConfig,
     refine: RefineHook | None,
-) -> list[dict[str, Any]]:
+) -> list[MetricRow]:
     """Metric rows of one query case (read once; refined on its preprocessed image when ``refine``)."""
     image = read_image(case.image)
     prediction = predict_image(adapted, image, config=config, refine=refine)
@@ -258,8 +245,7 @@ def _score_query(
             raise DataError(f"{case.case_id}: its labels hold no {name}")
         m = evaluate_masks(prediction.label.array == i + 1, masks[name], image.spacing,
                            protocol.nsd_tolerance_mm, case=case.case_id, structure=name)  # fmt: skip
-        rows.append({key: _finite(getattr(m, key)) for key in
-                     ("case", "structure", "dice", "hd95_mm", "nsd", "vol_pred_ml", "vol_gt_ml", "flag")})  # fmt: skip
+        rows.append(MetricRow(**{f.name: _finite(getattr(m, f.name)) for f in dataclasses.fields(MetricRow)}))
     return rows
 
 
@@ -269,30 +255,29 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def read_cells(folders: Sequence[str | Path]) -> list[dict[str, Any]]:
+def read_cells(folders: Sequence[str | Path]) -> list[CellResult]:
     """Every cell result under ``FOLDER/cells`` of each folder (duplicates must agree).
 
     Raises:
         ConfigError: the same cell computed under two configurations.
         DataError: an unreadable cell file.
     """
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, CellResult] = {}
     for folder in folders:
         for path in sorted((Path(folder) / CELLS_DIR).glob("*.json")):
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 raise DataError(f"{path}: unreadable benchmark cell") from None
-            if data.get("format") != CELL_FORMAT:
-                raise DataError(f"{path}: not a benchmark cell file")
-            key = data["cell"]["cell_id"]
-            if key in found and found[key]["config_hash"] != data["config_hash"]:
+            cell = CellResult.from_dict(data, str(path))
+            key = cell.cell_id
+            if key in found and found[key].config_hash != cell.config_hash:
                 raise ConfigError(f"{path}: cell {key} was computed under another configuration elsewhere")
-            found.setdefault(key, data)
+            found.setdefault(key, cell)
     return list(found.values())
 
 
-def merge(folders: Sequence[str | Path], out: str | Path) -> list[dict[str, Any]]:
+def merge(folders: Sequence[str | Path], out: str | Path) -> list[CellResult]:
     """Copy the cells (and adapters) of several benchmark folders into ``out``.
 
     Returns:
@@ -331,7 +316,7 @@ class BenchmarkResult:
 
     plan: Plan
     ran: tuple[Cell, ...]
-    cells: tuple[dict[str, Any], ...]
+    cells: tuple[CellResult, ...]
     outputs: dict[str, Path]
 
     @property
@@ -385,7 +370,7 @@ def run_benchmark(
     return BenchmarkResult(resolved, tuple(cells), tuple(results), write_results(results, out, spec))
 
 
-def write_results(cells: Sequence[dict[str, Any]], out: str | Path, protocol: Any = None) -> dict[str, Path]:
+def write_results(cells: Sequence[CellResult], out: str | Path, protocol: Any = None) -> dict[str, Path]:
     """Write the CSVs, the Markdown tables and the HTML report (Dice-vs-k curves) for ``cells``.
 
     Returns:

@@ -5,53 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from fseft.adapt import load_adapter, read_adapter_header
 from fseft.cli import main
-from fseft.config import PreprocessConfig
-from fseft.data.cases import Case, LabelSource
-from fseft.data.image import Image
-from fseft.data.io import write_image
-from fseft.data.manifests import write_manifest_csv
-from fseft.models import ModelConfig, build_model, load_model, save_model
-
-SHAPE = (40, 40, 36)
+from fseft.models import load_model, save_model
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict[str, Path]:
+def workspace(tmp_path_factory, make_tiny_model, sphere_cases) -> dict[str, Path]:
     """A tiny model file and a manifest of 4 cases with a bright 'pancreas' sphere (synth template)."""
     root = tmp_path_factory.mktemp("adapt_cli")
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        arch="unet-small",
-        feature_size=4,
-        structures=("liver",),
-        preprocess=PreprocessConfig(roi=(32, 32, 32)),
-    )
-    model = save_model(build_model(cfg), root / "tiny.pt")
-    affine = np.diag([1.5, 1.5, 1.5, 1.0])
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"))
-    cases = []
-    for i in range(4):
-        rng = np.random.default_rng(i)
-        centre = rng.integers(10, np.array(SHAPE) - 10)
-        inside = ((grid - centre[:, None, None, None]) ** 2).sum(0) < 36
-        hu = rng.normal(40, 20, SHAPE) + 200 * inside
-        write_image(Image(hu.astype(np.int16), affine), root / f"img{i}.nii.gz")
-        write_image(Image((inside * 6).astype(np.uint8), affine), root / f"lab{i}.nii.gz")  # 6 = pancreas
-        source = LabelSource(root / f"lab{i}.nii.gz", "synth")
-        cases.append(Case(f"case{i}", root / f"img{i}.nii.gz", (source,), structures=("pancreas",)))
-    write_manifest_csv(cases, root / "manifest.csv")
-    return {"root": root, "model": model, "manifest": root / "manifest.csv"}
+    model = save_model(make_tiny_model(), root / "tiny.pt")
+    manifest = sphere_cases(root, 4, shape=(40, 40, 36), spacing=1.5, radius=6, margin=10)
+    return {"root": root, "model": model, "manifest": manifest}
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FSEFT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def args(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from fseft.benchmark import (
@@ -23,44 +22,22 @@ from fseft.benchmark import (
 from fseft.benchmark import runner as runner_module
 from fseft.benchmark.planning import shard
 from fseft.cli import main
-from fseft.config import PreprocessConfig
-from fseft.data.cases import Case, LabelSource
 from fseft.data.image import Image
 from fseft.data.io import write_image
-from fseft.data.manifests import write_manifest_csv
 from fseft.errors import ConfigError, DataError
-from fseft.models import ModelConfig, build_model, save_model
-
-SHAPE = (30, 30, 28)
+from fseft.models import save_model
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict[str, Path]:
+def workspace(tmp_path_factory, make_tiny_model, sphere_cases) -> dict[str, Path]:
     """A tiny model (liver, pancreas) and 6 cases with a bright 'pancreas' blob (synth template)."""
     root = tmp_path_factory.mktemp("bench")
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="unet-small", feature_size=4, structures=("liver", "pancreas"),
-                      preprocess=PreprocessConfig(spacing=(2.0, 2.0, 2.0), roi=(32, 32, 32)))  # fmt: skip
-    model = save_model(build_model(cfg), root / "tiny.pt")
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"))
-    cases = []
-    for i in range(6):
-        rng = np.random.default_rng(i)
-        centre = rng.integers(9, np.array(SHAPE) - 9)
-        inside = ((grid - centre[:, None, None, None]) ** 2).sum(0) < 25
-        hu = rng.normal(40, 20, SHAPE) + 200 * inside
-        write_image(Image(hu.astype(np.int16), affine), root / f"img{i}.nii.gz")
-        write_image(Image((inside * 6).astype(np.uint8), affine), root / f"lab{i}.nii.gz")  # 6 = pancreas
-        source = LabelSource(root / f"lab{i}.nii.gz", "synth")
-        cases.append(Case(f"case{i}", root / f"img{i}.nii.gz", (source,), structures=("pancreas",)))
-    write_manifest_csv(cases, root / "manifest.csv")
-    return {"root": root, "model": model, "manifest": root / "manifest.csv"}
+    model = save_model(make_tiny_model(("liver", "pancreas"), spacing=2.0), root / "tiny.pt")
+    manifest = sphere_cases(root, 6, shape=(30, 30, 28), spacing=2.0, radius=5, margin=9)
+    return {"root": root, "model": model, "manifest": manifest}
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FSEFT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def protocol_dict(**changes) -> dict:

@@ -42,9 +42,7 @@ from fseft.adapt.transductive.priors import (
     robust_mean,
     size_priors,
 )
-from fseft.config import PreprocessConfig
 from fseft.errors import CheckpointError, ConfigError, DataError
-from fseft.models import ModelConfig, build_model
 
 ROI = (32, 32, 32)
 SHAPE = (36, 36, 32)
@@ -70,15 +68,6 @@ def spheres(seed: int) -> tuple[np.ndarray, np.ndarray]:
     inside = ((grid - centre[:, None, None, None]) ** 2).sum(0) < 6**2
     image[inside] = 0.8
     return image, inside.astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        arch="unet-small", feature_size=4, structures=("liver",), preprocess=PreprocessConfig(roi=ROI)
-    )
-    return build_model(cfg).eval()
 
 
 # --- size priors ------------------------------------------------------------------------------------
@@ -124,8 +113,8 @@ def test_one_prior_per_structure_and_missing_structures_fail():
         size_priors([vol], ["liver", "kidney_left"], (1, 1, 1))
 
 
-def test_priors_round_trip_through_the_adapter_file(base, tmp_path):
-    adapted = apply_method(base, "linear-probe", ["liver"])
+def test_priors_round_trip_through_the_adapter_file(tiny_base, tmp_path):
+    adapted = apply_method(tiny_base, "linear-probe", ["liver"])
     prior = size_priors([blob_volume("a", 4)], ["liver"], (1, 1, 1))
     tx = TransductiveConfig(mode="per-query", constraint="log-barrier")
     path = save_adapter(adapted, tmp_path / "a.safetensors", {"k": 1}, size_priors=prior, transductive=tx)
@@ -139,12 +128,12 @@ def test_priors_round_trip_through_the_adapter_file(base, tmp_path):
         priors_from_header(read_adapter_header(bare), str(bare))
 
 
-def test_version_1_adapter_files_still_load_with_their_priors(base, tmp_path):
+def test_version_1_adapter_files_still_load_with_their_priors(tiny_base, tmp_path):
     """Version 1 kept the priors and options in the record; they are read into the version 2 fields."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    adapted = apply_method(base, "linear-probe", ["liver"])
+    adapted = apply_method(tiny_base, "linear-probe", ["liver"])
     prior = size_priors([blob_volume("a", 4)], ["liver"], (1, 1, 1))
     v2 = save_adapter(adapted, tmp_path / "v2.safetensors", {"k": 1}, size_priors=prior)
     with safe_open(str(v2), framework="pt") as f:
@@ -159,7 +148,7 @@ def test_version_1_adapter_files_still_load_with_their_priors(base, tmp_path):
     loaded = read_adapter_header(v1)
     assert loaded["version"] == 1 and priors_from_header(loaded, str(v1)) == prior
     assert transductive_options(loaded, v1) == tx
-    assert torch.equal(load_adapter(v1, base).head.weight, adapted.head.weight)
+    assert torch.equal(load_adapter(v1, tiny_base).head.weight, adapted.head.weight)
 
 
 # --- penalties --------------------------------------------------------------------------------------
@@ -225,10 +214,10 @@ def test_constraint_registry_and_config_validation():
 
 
 @pytest.fixture(scope="module")
-def probe(base):
+def probe(tiny_base):
     """A linear probe whose head gives a non-degenerate proportion, and one query's features."""
     torch.manual_seed(1)
-    adapted = apply_method(base, "linear-probe", ["liver"])
+    adapted = apply_method(tiny_base, "linear-probe", ["liver"])
     image, _ = spheres(3)
     cfg = TransductiveConfig(pool=1)
     (query,) = query_features(adapted, [torch.from_numpy(image)[None]], ["q"], cfg)
@@ -348,12 +337,12 @@ def test_per_query_refinement_starts_fresh_and_restores_the_adapter(probe):
     assert all(torch.equal(original[k], v) for k, v in model.trainable_state_dict().items())
 
 
-def test_methods_that_train_the_backbone_or_nothing_are_refused(base):
+def test_methods_that_train_the_backbone_or_nothing_are_refused(tiny_base):
     image = torch.from_numpy(spheres(0)[0])[None]
     with pytest.raises(ConfigError, match="needs a black-box method .* 'bitfit'"):
-        query_features(apply_method(base, "bitfit", ["liver"]), [image], ["q"], TransductiveConfig())
+        query_features(apply_method(tiny_base, "bitfit", ["liver"]), [image], ["q"], TransductiveConfig())
     with pytest.raises(ConfigError, match="'zero-shot' trains nothing"):
-        query_features(apply_method(base, "zero-shot", ["liver"]), [image], ["q"], TransductiveConfig())
+        query_features(apply_method(tiny_base, "zero-shot", ["liver"]), [image], ["q"], TransductiveConfig())
 
 
 def test_pooled_proportion_matches_full_resolution_for_a_constant_head(probe):
@@ -378,9 +367,9 @@ def support(seed: int) -> SupportVolume:
     return SupportVolume(f"s{seed}", torch.from_numpy(image)[None], torch.from_numpy(label)[None])
 
 
-def train(base, prior: float | None, margin: float = 0.3, constraint: str = "hinge"):
+def train(tiny_base, prior: float | None, margin: float = 0.3, constraint: str = "hinge"):
     torch.manual_seed(0)
-    adapted = apply_method(base, "linear-probe", ["liver"])
+    adapted = apply_method(tiny_base, "linear-probe", ["liver"])
     cfg = AdaptTrainConfig(max_epochs=5, num_samples=2, early_stopping=False, device="cpu")
     images = [torch.from_numpy(spheres(s)[0])[None] for s in (7, 8)]
     if prior is None:
@@ -394,9 +383,9 @@ def train(base, prior: float | None, margin: float = 0.3, constraint: str = "hin
     return adapted, constraint_steps
 
 
-def test_batch_constraint_is_a_no_op_inside_the_band_and_pulls_otherwise(base):
-    plain, _ = train(base, None)
-    wide, steps = train(base, prior=0.5, margin=0.999)
+def test_batch_constraint_is_a_no_op_inside_the_band_and_pulls_otherwise(tiny_base):
+    plain, _ = train(tiny_base, None)
+    wide, steps = train(tiny_base, prior=0.5, margin=0.999)
     assert steps.applied == 3 and steps.computed == 4  # epochs 2..5; the last one is never applied
     assert all(
         torch.equal(a, b)
@@ -404,15 +393,15 @@ def test_batch_constraint_is_a_no_op_inside_the_band_and_pulls_otherwise(base):
             plain.trainable_state_dict().values(), wide.trainable_state_dict().values(), strict=True
         )
     )
-    _, tight = train(base, prior=1e-4, margin=0.3)
+    _, tight = train(tiny_base, prior=1e-4, margin=0.3)
     reports = tight.reports()
     assert [r.query for r in reports] == ["q7", "q8"] and reports[0].steps == 3
     assert all(r.after[0] < r.before[0] for r in reports)  # pushed towards the (tiny) prior
 
 
-def test_batch_constraint_starts_at_the_supervised_plateau_and_gets_its_own_phase(base):
+def test_batch_constraint_starts_at_the_supervised_plateau_and_gets_its_own_phase(tiny_base):
     torch.manual_seed(0)
-    adapted = apply_method(base, "linear-probe", ["liver"])
+    adapted = apply_method(tiny_base, "linear-probe", ["liver"])
     # min_delta this large: the plateau rule fires as soon as it can, at epoch 2 of each phase
     cfg = AdaptTrainConfig(
         max_epochs=8, num_samples=2, es_window=1, es_patience=1, es_min_delta=1e9, device="cpu"
@@ -421,7 +410,7 @@ def test_batch_constraint_starts_at_the_supervised_plateau_and_gets_its_own_phas
     queries = query_features(adapted, [torch.from_numpy(spheres(7)[0])[None]], ["q7"], tx)
     priors = (SizePrior("liver", 1e-4, 1.0, 1.0, 1, (1e-4,), (True,)),)
     plain = fit(
-        apply_method(base, "linear-probe", ["liver"]), [support(1)], cfg, lr=0.05, seed=0, path="cached"
+        apply_method(tiny_base, "linear-probe", ["liver"]), [support(1)], cfg, lr=0.05, seed=0, path="cached"
     )
     assert plain.epochs_run == 2 and plain.stop_reason == "plateau"
     with BatchConstraint(adapted, queries, priors, tx) as steps:

@@ -19,9 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import from_dict, load_yaml, to_dict
+from ..adapt.methods import get_method
+from ..adapt.model import check_task
+from ..adapt.trainer import AdaptTrainConfig
+from ..adapt.transductive import TransductiveConfig
+from ..anatomy import canonical
+from ..config import PreprocessConfig, from_dict, load_yaml, to_dict
 from ..errors import ConfigError
+from ..inference import PredictConfig
+from ..models import get_backbone
 from ..protocols import shipped_protocol, shipped_protocols
+from ..training.api import PretrainJob
+from ..training.assembly import load_assembly
+from ..training.config import TrainConfig
 
 METRICS = ("dice", "hd95", "nsd")
 DATA_SOURCES = ("manifest", "synth")
@@ -42,7 +52,6 @@ class BuildSpec:
         preprocess: :class:`~fseft.config.PreprocessConfig` fields (e.g. ``spacing``, ``roi``).
         train: :class:`~fseft.training.config.TrainConfig` fields (e.g. ``steps``).
     """
-
     assembly: str
     arch: str = "swinunetr"
     feature_size: int = 48
@@ -55,11 +64,6 @@ class BuildSpec:
         Raises:
             ConfigError: invalid preprocessing or training fields, or an invalid assembly.
         """
-        from ..config import PreprocessConfig
-        from ..training.api import PretrainJob
-        from ..training.assembly import load_assembly
-        from ..training.config import TrainConfig
-
         return PretrainJob(
             assembly=load_assembly(assembly), preprocess=from_dict(PreprocessConfig, dict(self.preprocess)),
             train=from_dict(TrainConfig, dict(self.train)), out=out, arch=self.arch,
@@ -77,7 +81,6 @@ class ModelSpec:
         build: How to pre-train the model when the file is missing.
         description: One line for the report.
     """
-
     name: str | None = None
     build: BuildSpec | None = None
     description: str = ""
@@ -95,7 +98,6 @@ class SourceSpec:
         template: Label template of ``labels`` (and of a manifest that names none).
         split: Split name given to the cases of a folder pair.
     """
-
     manifest: str | None = None
     images: str | None = None
     labels: str | None = None
@@ -130,7 +132,6 @@ class DataSpec:
         query_count: Number of query cases (the last ones in natural case-id order).
         query_fraction: Fraction of the cases used as queries when ``query_count`` is not given.
     """
-
     source: str = "manifest"
     sources: tuple[SourceSpec, ...] = ()
     synth_preset: str = "default"
@@ -176,7 +177,6 @@ class TaskSpec:
         k: Support sizes of this task, replacing the protocol's (a structure annotated in few pool
             cases, for example).
     """
-
     name: str
     structures: tuple[str, ...]
     group: str = "novel"
@@ -188,9 +188,6 @@ class TaskSpec:
     k: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        from ..adapt.model import check_task
-        from ..anatomy import canonical
-
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ConfigError(f"task name {self.name!r} must use letters, digits, '_', '-', '.'")
         if isinstance(self.structures, str) or not self.structures:
@@ -225,7 +222,6 @@ class MethodSpec:
         groups: Run only on tasks of these groups (e.g. zero-shot on ``base``); None: all.
         all_train: Also train on every support case of the pool (the upper-bound column ``all``).
     """
-
     method: str
     label: str | None = None
     decoder: str | None = None
@@ -242,8 +238,6 @@ class MethodSpec:
         Raises:
             ConfigError: unknown method or invalid options.
         """
-        from ..adapt.methods import get_method
-
         cls = get_method(self.method)
         values = dict(self.options)
         for key in ("decoder", "bottleneck"):
@@ -253,8 +247,6 @@ class MethodSpec:
 
     def transductive_config(self) -> Any:
         """The :class:`~fseft.adapt.transductive.TransductiveConfig` (None when not transductive)."""
-        from ..adapt.transductive import TransductiveConfig
-
         return from_dict(TransductiveConfig, dict(self.transductive_options)) if self.transductive else None
 
     @property
@@ -262,14 +254,12 @@ class MethodSpec:
         """The label shown in tables."""
         if self.label:
             return self.label
-        from ..adapt.methods import get_method
 
         decoder = self.method_config().decoder
         default = get_method(self.method).config_cls().decoder
         text = self.method if decoder == default else f"{self.method} (decoder {decoder})"
         if not self.transductive:
             return text
-        from ..adapt.transductive import TransductiveConfig
 
         tx, paper = self.transductive_config(), TransductiveConfig()
         variants = [v for v, d in ((tx.mode, paper.mode), (tx.constraint, paper.constraint)) if v != d]
@@ -295,7 +285,6 @@ class Protocol:
         nsd_tolerance_mm: NSD tolerance.
         path: The YAML file it was read from.
     """
-
     name: str
     tasks: tuple[TaskSpec, ...]
     methods: tuple[MethodSpec, ...]
@@ -317,14 +306,10 @@ class Protocol:
 
     def train_config(self) -> Any:
         """The :class:`~fseft.adapt.trainer.AdaptTrainConfig` of every cell."""
-        from ..adapt.trainer import AdaptTrainConfig
-
         return from_dict(AdaptTrainConfig, dict(self.train))
 
     def predict_config(self) -> Any:
         """The :class:`~fseft.inference.PredictConfig` used on the queries."""
-        from ..inference import PredictConfig
-
         return from_dict(PredictConfig, dict(self.predict))
 
     def groups(self) -> list[str]:
@@ -430,8 +415,6 @@ def validate(protocol: Protocol) -> None:
     for i, spec in enumerate(protocol.methods):
         where = f"{w}: methods[{i}] ({spec.method})"
         try:
-            from ..adapt.methods import get_method
-
             cls = get_method(spec.method)
             config = spec.method_config()
             spec.transductive_config()
@@ -451,10 +434,7 @@ def validate(protocol: Protocol) -> None:
 
 
 def _check_build(build: BuildSpec, where: str) -> None:
-    from ..config import PreprocessConfig
-    from ..models import get_backbone
-    from ..training.config import TrainConfig
-
+    """Refuse an unknown backbone or invalid preprocessing/training fields of a model build recipe."""
     try:
         get_backbone(build.arch)
         from_dict(PreprocessConfig, dict(build.preprocess))

@@ -36,10 +36,13 @@ from ..evaluation import evaluate_masks
 from ..inference import PredictConfig, RefineHook, predict_image
 from ..io_utils import atomic_path, write_json_atomic, write_text_atomic
 from ..models import load_model, model_available
+from ..report import build_report
 from ..training.api import pretrain_foundation
 from .cells import CellCost, CellResult, MetricRow
-from .planning import Cell, Plan
-from .protocol import Protocol
+from .planning import Cell, Plan, shard
+from .planning import plan as make_plan
+from .protocol import Protocol, load_protocol
+from .tables import write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,6 @@ class CellEvent:
         cell: The cell.
         seconds: Wall time of the cell (``done`` only).
     """
-
     stage: str
     index: int
     total: int
@@ -313,7 +315,6 @@ class BenchmarkResult:
         cells: Every cell result now in the output folder (other shards' included).
         outputs: The per-case CSV, per-seed CSV, Markdown tables and HTML report.
     """
-
     plan: Plan
     ran: tuple[Cell, ...]
     cells: tuple[CellResult, ...]
@@ -357,10 +358,6 @@ def run_benchmark(
         ConfigError: invalid protocol or combination, before anything trains.
         DataError: missing or unreadable data.
     """
-    from .planning import plan as make_plan
-    from .planning import shard
-    from .protocol import Protocol, load_protocol
-
     spec = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
     out = Path(out)
     resolved = make_plan(spec, data_root=data_root, out=out, model=model, support=support, query=query)
@@ -379,9 +376,6 @@ def write_results(cells: Sequence[CellResult], out: str | Path, protocol: Any = 
     Raises:
         DataError: when there is no cell result.
     """
-    from ..report import build_report
-    from .tables import write_outputs
-
     if not cells:
         raise DataError(f"{out}: no benchmark cell results to tabulate")
     metrics = protocol.metrics if protocol is not None else ("dice", "hd95", "nsd")

@@ -69,9 +69,8 @@ def run(model: FoundationModel, assembly, args: argparse.Namespace, device: torc
                 device=str(device),
             )
             start = time.perf_counter()
-            adapted, record = adapt(
-                model, target, structures, k=args.k, seed=args.seed, method=method, train_config=cfg
-            )
+            result = adapt(model, target, structures, k=args.k, seed=args.seed, method=method, train_config=cfg)
+            adapted, record = result.model, result.record
             total = time.perf_counter() - start
             # the support is the first k of the seeded permutation; score on the target cases not used
             query = [c for c in target if c.case_id not in record.support_case_ids] or query_cases

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..anatomy import canonical
 from ..errors import ConfigError
 from ..models import FoundationModel
 from .methods import AdaptMethod, MethodConfig, get_method
@@ -152,8 +153,6 @@ class AdaptedModel(nn.Module):
 
 
 def _target_structures(structures: Sequence[str]) -> tuple[str, ...]:
-    from ..anatomy import canonical
-
     if isinstance(structures, str) or not structures:
         raise ConfigError(f"structures must be a non-empty list of names, got {structures!r}")
     out = []

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,11 +30,8 @@ from ..models.predict import sliding_window_logits
 from ..training.schedule import warmup_cosine
 from .early_stopping import PlateauStopper
 from .feature_cache import FeatureCache
-from .model import check_task
+from .model import AdaptedModel, check_task
 from .support import CropSampler, SupportVolume, crop
-
-if TYPE_CHECKING:
-    from .model import AdaptedModel
 
 logger = logging.getLogger(__name__)
 

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ...errors import ConfigError
+from ..model import AdaptedModel
+from ..trainer import EpochReport
 from .config import QueryReport, TransductiveConfig, TransductiveResult
 from .features import QueryFeatures, check_black_box, penalty, predicted_proportions, prior_tensor
 from .priors import SizePrior
 
-if TYPE_CHECKING:
-    from ..model import AdaptedModel
-    from ..trainer import EpochReport
 
 class BatchConstraint:
     """Batch-mode constraint steps during supervised training, through the trainer's progress callback.

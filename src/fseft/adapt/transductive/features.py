@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +21,10 @@ from ...data.cases import Case
 from ...data.dataset import PreprocessedCache
 from ...errors import ConfigError
 from ..feature_cache import FeatureCache
+from ..model import AdaptedModel
 from .config import TransductiveConfig
 from .constraints import band_violations, get_constraint
 from .priors import SizePrior
-
-if TYPE_CHECKING:
-    from ..model import AdaptedModel
 
 
 @dataclass

@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...errors import ConfigError
+from ..model import AdaptedModel
 from .config import QueryReport, TransductiveConfig
 from .features import (
     QueryFeatures,
@@ -35,9 +35,6 @@ from .features import (
     soft_and_mask_proportions,
 )
 from .priors import SizePrior
-
-if TYPE_CHECKING:
-    from ..model import AdaptedModel
 
 logger = logging.getLogger(__name__)
 

@@ -5,53 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from fseft.adapt import load_adapter, read_adapter_header
 from fseft.cli import main
-from fseft.config import PreprocessConfig
-from fseft.data.cases import Case, LabelSource
-from fseft.data.image import Image
-from fseft.data.io import write_image
-from fseft.data.manifests import write_manifest_csv
-from fseft.models import ModelConfig, build_model, load_model, save_model
-
-SHAPE = (40, 40, 36)
+from fseft.models import load_model, save_model
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict[str, Path]:
+def workspace(tmp_path_factory, make_tiny_model, sphere_cases) -> dict[str, Path]:
     """A tiny model file and a manifest of 4 cases with a bright 'pancreas' sphere (synth template)."""
     root = tmp_path_factory.mktemp("adapt_cli")
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        arch="unet-small",
-        feature_size=4,
-        structures=("liver",),
-        preprocess=PreprocessConfig(roi=(32, 32, 32)),
-    )
-    model = save_model(build_model(cfg), root / "tiny.pt")
-    affine = np.diag([1.5, 1.5, 1.5, 1.0])
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"))
-    cases = []
-    for i in range(4):
-        rng = np.random.default_rng(i)
-        centre = rng.integers(10, np.array(SHAPE) - 10)
-        inside = ((grid - centre[:, None, None, None]) ** 2).sum(0) < 36
-        hu = rng.normal(40, 20, SHAPE) + 200 * inside
-        write_image(Image(hu.astype(np.int16), affine), root / f"img{i}.nii.gz")
-        write_image(Image((inside * 6).astype(np.uint8), affine), root / f"lab{i}.nii.gz")  # 6 = pancreas
-        source = LabelSource(root / f"lab{i}.nii.gz", "synth")
-        cases.append(Case(f"case{i}", root / f"img{i}.nii.gz", (source,), structures=("pancreas",)))
-    write_manifest_csv(cases, root / "manifest.csv")
-    return {"root": root, "model": model, "manifest": root / "manifest.csv"}
+    model = save_model(make_tiny_model(), root / "tiny.pt")
+    manifest = sphere_cases(root, 4, shape=(40, 40, 36), spacing=1.5, radius=6, margin=10)
+    return {"root": root, "model": model, "manifest": manifest}
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FSEFT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def args(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:
@@ -114,7 +85,7 @@ def test_bad_inputs_give_one_error_line_and_no_adapter(workspace, tmp_path, caps
 
 
 def test_model_is_required_without_a_bundled_model(workspace, tmp_path, capsys):
-    from fseft.commands.adapt import DEFAULT_MODEL
+    from fseft.defaults import DEFAULT_MODEL
     from fseft.models import MODELS
 
     argv = args(workspace, tmp_path / "x.safetensors")
@@ -141,7 +112,7 @@ def test_transductive_adapt_then_per_query_predict(workspace, tmp_path, capsys):
                 "--tx-warmup", "1")  # fmt: skip
     assert main(argv) == 0
     header = read_adapter_header(adapter)
-    assert header["record"]["size_priors"][0]["structure"] == "pancreas"
+    assert header["size_priors"][0]["structure"] == "pancreas" and header["transductive"]["mode"] == "batch"
     capsys.readouterr()
     image = workspace["root"] / "img3.nii.gz"
     predict = ["predict", str(image), "--model", str(workspace["model"]), "--adapter", str(adapter),
@@ -155,3 +126,24 @@ def test_transductive_adapt_then_per_query_predict(workspace, tmp_path, capsys):
     assert main(predict[:-1] + ["--constraint", "hinge", "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--constraint needs --transductive" in err[0]
+
+
+def test_lr_reaches_per_query_refinement_and_each_input_is_read_once(workspace, tmp_path, monkeypatch):
+    """'adapt --lr' is the method's one rate: training's and per-query refinement's at prediction."""
+    from fseft.inference import predictor, writer
+
+    adapter = tmp_path / "pq.safetensors"
+    argv = args(workspace, adapter, "--method", "linear-probe", "--tx-mode", "per-query", "--lr", "0.0123")
+    assert main(argv) == 0
+    assert read_adapter_header(adapter)["config"]["lr"] == 0.0123
+    assert json.loads(adapter.with_name("pq.record.json").read_text())["lr"] == 0.0123
+    rates, reads, preprocessed = [], [], []
+    adam, read, preprocess = torch.optim.Adam, writer.read_image, predictor.preprocess_image
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: rates.append(lr) or adam(params, lr=lr))
+    monkeypatch.setattr(writer, "read_image", lambda path: reads.append(path) or read(path))
+    monkeypatch.setattr(predictor, "preprocess_image", lambda *a: preprocessed.append(a) or preprocess(*a))
+    images = [str(workspace["root"] / f"img{i}.nii.gz") for i in (2, 3)]
+    assert main(["predict", *images, "--model", str(workspace["model"]), "--adapter", str(adapter),
+                 "--out", str(tmp_path / "preds"), "--device", "cpu", "--transductive"]) == 0  # fmt: skip
+    assert rates == [0.0123, 0.0123]
+    assert len(reads) == 2 and len(preprocessed) == 2  # each input read and preprocessed once

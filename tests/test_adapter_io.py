@@ -77,7 +77,8 @@ def test_header_records_what_rebuilds_the_adapter(unet: FoundationModel, tmp_pat
     adapted = apply_method(unet, "lora", ["Spleen"], config=LoRAConfig(rank=2, decoder="fine-tuned"))
     path = save_adapter(adapted, tmp_path / "a.safetensors", record={"support": ["case1"], "epochs": 3})
     header = read_adapter_header(path)
-    assert header["format"] == "fseft-adapter" and header["version"] == 1
+    assert header["format"] == "fseft-adapter" and header["version"] == 2
+    assert header["size_priors"] == [] and header["transductive"] is None  # a plain adapter
     assert (
         header["method"] == "lora"
         and header["config"]["rank"] == 2

@@ -8,51 +8,36 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
-from fseft.benchmark import load_protocol, parse_protocol, plan, read_cells, run_benchmark, shipped_protocols
+from fseft.benchmark import (
+    CellResult,
+    load_protocol,
+    parse_protocol,
+    plan,
+    read_cells,
+    run_benchmark,
+    shipped_protocols,
+)
 from fseft.benchmark import runner as runner_module
 from fseft.benchmark.planning import shard
 from fseft.cli import main
-from fseft.config import PreprocessConfig
-from fseft.data.cases import Case, LabelSource
 from fseft.data.image import Image
 from fseft.data.io import write_image
-from fseft.data.manifests import write_manifest_csv
 from fseft.errors import ConfigError, DataError
-from fseft.models import ModelConfig, build_model, save_model
-
-SHAPE = (30, 30, 28)
+from fseft.models import save_model
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict[str, Path]:
+def workspace(tmp_path_factory, make_tiny_model, sphere_cases) -> dict[str, Path]:
     """A tiny model (liver, pancreas) and 6 cases with a bright 'pancreas' blob (synth template)."""
     root = tmp_path_factory.mktemp("bench")
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="unet-small", feature_size=4, structures=("liver", "pancreas"),
-                      preprocess=PreprocessConfig(spacing=(2.0, 2.0, 2.0), roi=(32, 32, 32)))  # fmt: skip
-    model = save_model(build_model(cfg), root / "tiny.pt")
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"))
-    cases = []
-    for i in range(6):
-        rng = np.random.default_rng(i)
-        centre = rng.integers(9, np.array(SHAPE) - 9)
-        inside = ((grid - centre[:, None, None, None]) ** 2).sum(0) < 25
-        hu = rng.normal(40, 20, SHAPE) + 200 * inside
-        write_image(Image(hu.astype(np.int16), affine), root / f"img{i}.nii.gz")
-        write_image(Image((inside * 6).astype(np.uint8), affine), root / f"lab{i}.nii.gz")  # 6 = pancreas
-        source = LabelSource(root / f"lab{i}.nii.gz", "synth")
-        cases.append(Case(f"case{i}", root / f"img{i}.nii.gz", (source,), structures=("pancreas",)))
-    write_manifest_csv(cases, root / "manifest.csv")
-    return {"root": root, "model": model, "manifest": root / "manifest.csv"}
+    model = save_model(make_tiny_model(("liver", "pancreas"), spacing=2.0), root / "tiny.pt")
+    manifest = sphere_cases(root, 6, shape=(30, 30, 28), spacing=2.0, radius=5, margin=9)
+    return {"root": root, "model": model, "manifest": manifest}
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FSEFT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def protocol_dict(**changes) -> dict:
@@ -240,30 +225,40 @@ def reference(workspace, tmp_path_factory) -> Path:
     return out
 
 
-def test_per_query_transductive_cell_refines_each_query(workspace, tmp_path):
-    """A per-query row refines the adapter on every query before predicting it, and records it."""
+def test_per_query_transductive_cell_refines_each_query(workspace, tmp_path, monkeypatch):
+    """A per-query row refines the adapter on every query before predicting it (each query read and
+    preprocessed once), and records it."""
+    from fseft.inference import predictor
+
+    reads, preprocessed = [], []
+    read, preprocess = runner_module.read_image, predictor.preprocess_image
+    monkeypatch.setattr(runner_module, "read_image", lambda path: reads.append(path) or read(path))
+    monkeypatch.setattr(predictor, "preprocess_image", lambda *a: preprocessed.append(a) or preprocess(*a))
     tx = {"mode": "per-query", "constraint": "log-barrier", "steps": 3}
     data = protocol_dict(methods=[{"method": "linear-probe", "transductive": True, "transductive_options": tx}],
                          k=[1], seeds=[0])  # fmt: skip
     result = run_benchmark(write_protocol(tmp_path, data), tmp_path / "out", data_root=workspace["root"],
                            model=str(workspace["model"]))  # fmt: skip
+    assert len(reads) == 2 and len(preprocessed) == 2
     (cell,) = result.cells
-    assert cell["cell"]["label"] == "linear-probe +TI per-query log-barrier"
-    queries = cell["record"]["transductive"]["queries"]
+    assert cell.cell.label == "linear-probe +TI per-query log-barrier"
+    queries = cell.record["transductive"]["queries"]
     assert [q["query"] for q in queries] == ["case4", "case5"]
     assert all(q["steps"] == 3 and q["before"] != q["after"] for q in queries)
-    assert {m["case"] for m in cell["metrics"]} == {"case4", "case5"}
+    assert {m.case for m in cell.metrics} == {"case4", "case5"}
 
 
 @pytest.mark.slow
 def test_outputs_and_tables(reference):
     cells = read_cells([reference])
     assert len(cells) == 10
-    cell = next(c for c in cells if c["cell"]["label"] == "spatial-adapter +TI")
-    assert cell["record"]["transductive"]["constraint_steps"] >= 1 and "size_priors" in cell["record"]
-    assert cell["record"]["transductive"]["constraint_time_s"] > 0
-    assert {m["case"] for m in cell["metrics"]} == {"case4", "case5"}
-    assert cell["cost"]["trainable_params"] > 0 and cell["cost"]["adapter_bytes"] > 0
+    cell = next(c for c in cells if c.cell.label == "spatial-adapter +TI")
+    assert cell.record["transductive"]["constraint_steps"] >= 1 and "size_priors" in cell.record
+    assert cell.record["transductive"]["constraint_time_s"] > 0
+    assert {m.case for m in cell.metrics} == {"case4", "case5"}
+    assert cell.cost.trainable_params > 0 and cell.cost.adapter_bytes > 0
+    stored = json.loads((reference / "cells" / f"{cell.cell_id}.json").read_text(encoding="utf-8"))
+    assert CellResult.from_dict(stored, "cell") == cell and cell.to_dict() == stored  # the file's shape, typed
     with open(reference / "results_per_case.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 20 and {
@@ -280,8 +275,8 @@ def test_outputs_and_tables(reference):
     table = (reference / "results.md").read_text(encoding="utf-8")
     assert "| method | k=1 | k=2 | trainable params | adapter size | peak memory | adapt time |" in table
     # mean over the query cases per seed, then mean ± std over seeds
-    lp = [c for c in cells if c["cell"]["label"] == "linear-probe" and c["cell"]["k"] == 2]
-    per_seed = [np.mean([m["dice"] for m in c["metrics"]]) for c in lp]
+    lp = [c for c in cells if c.cell.label == "linear-probe" and c.cell.k == 2]
+    per_seed = [np.mean([m.dice for m in c.metrics]) for c in lp]
     line = next(x for x in table.splitlines() if x.startswith("| linear-probe |"))
     assert line.split(" | ")[2] == f"{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f}"
     zero = next(x for x in table.splitlines() if x.startswith("| zero-shot |")).split(" | ")
@@ -353,3 +348,23 @@ def test_shards_merge_to_the_unsharded_result(workspace, reference, tmp_path):
 def test_parse_protocol_names_the_source():
     with pytest.raises(ConfigError, match=r"^inline: missing field 'k'$"):
         parse_protocol({"name": "x", "tasks": [], "methods": []}, "inline")
+
+
+def test_model_build_recipe_pretrains_through_the_library(workspace, tmp_path, monkeypatch):
+    """A protocol's model.build pre-trains with the library's pre-training API, never the CLI."""
+    import fseft.cli
+    from fseft.models import load_model
+
+    monkeypatch.setattr(fseft.cli, "main", lambda argv: pytest.fail(f"the benchmark called the CLI: {argv}"))
+    (tmp_path / "assembly.yaml").write_text(yaml.safe_dump({"datasets": [{"manifest": "manifest.csv"}]}))
+    build = {"assembly": "assembly.yaml", "arch": "unet-small", "feature_size": 4,
+             "preprocess": {"spacing": [2, 2, 2], "roi": [32, 32, 32], "num_samples": 1},
+             "train": {"steps": 1, "device": "cpu"}}  # fmt: skip
+    data = protocol_dict(model={"build": build}, methods=[{"method": "linear-probe"}], k=[1], seeds=[0])
+    resolved = plan(load_protocol(write_protocol(tmp_path, data)), data_root=workspace["root"], out=tmp_path / "out")
+    runner_module._build_model(resolved, tmp_path / "out")
+    model = load_model(resolved.model)
+    assert model.structures == ("pancreas",) and model.config.preprocess.spacing == (2.0, 2.0, 2.0)
+    assert model.extra["steps"] == 1 and model.extra["protocol"] == "tiny"
+    with pytest.raises(ConfigError, match="model.build: .*steps"):
+        parse_protocol(protocol_dict(model={"build": {**build, "train": {"steps": 0}}}), "p.yaml")

@@ -7,20 +7,9 @@ import pytest
 import torch
 
 from fseft.adapt.feature_cache import FeatureCache
-from fseft.config import PreprocessConfig
 from fseft.errors import ConfigError
-from fseft.models import ModelConfig, build_model
 
 ROI = (32, 32, 32)
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        arch="unet-small", feature_size=4, structures=("liver",), preprocess=PreprocessConfig(roi=ROI)
-    )
-    return build_model(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +20,12 @@ def images():
     ]
 
 
-def test_features_match_a_crop_computed_alone_where_one_window_covers_it(base, images):
-    with FeatureCache.build(base.features, images[:1], ROI, overlap=0.5, sw_batch_size=4) as cache:
+def test_features_match_a_crop_computed_alone_where_one_window_covers_it(tiny_base, images):
+    with FeatureCache.build(tiny_base.features, images[:1], ROI, overlap=0.5, sw_batch_size=4) as cache:
         cached = cache.crops(0, [(0, 0, 0)], ROI)[0]
     with torch.no_grad():
-        alone = base.features(images[0][None, :, :32, :32, :32])[0]
-    assert cached.shape == (base.feature_channels, *ROI) and cached.dtype == torch.float32
+        alone = tiny_base.features(images[0][None, :, :32, :32, :32])[0]
+    assert cached.shape == (tiny_base.feature_channels, *ROI) and cached.dtype == torch.float32
     # 48 voxels, ROI 32, overlap 0.5: windows start at 0 and 16, so [0, 16) is seen by one window only
     inner = (slice(None), slice(0, 16), slice(0, 16), slice(0, 16))
     torch.testing.assert_close(cached[inner], alone[inner], atol=2e-3, rtol=2e-3)  # float16 storage
@@ -45,12 +34,12 @@ def test_features_match_a_crop_computed_alone_where_one_window_covers_it(base, i
     assert 0 < blended < 0.5
 
 
-def test_memory_budget_spills_to_memmap_and_close_removes_it(base, images, tmp_path):
+def test_memory_budget_spills_to_memmap_and_close_removes_it(tiny_base, images, tmp_path):
     calls = []
     with torch.no_grad():
-        ram = FeatureCache.build(base.features, images, ROI, overlap=0.25)
+        ram = FeatureCache.build(tiny_base.features, images, ROI, overlap=0.25)
         disk = FeatureCache.build(
-            base.features,
+            tiny_base.features,
             images,
             ROI,
             overlap=0.25,
@@ -72,13 +61,13 @@ def test_memory_budget_spills_to_memmap_and_close_removes_it(base, images, tmp_p
     assert not folder.exists() and tmp_path.exists()
 
 
-def test_partial_budget_keeps_what_fits_in_memory(base, images):
+def test_partial_budget_keeps_what_fits_in_memory(tiny_base, images):
     first = 4 * 48 * 48 * 48 * 2  # float16 bytes of the first map
-    with FeatureCache.build(base.features, images, ROI, overlap=0.25, memory_budget_bytes=first) as cache:
+    with FeatureCache.build(tiny_base.features, images, ROI, overlap=0.25, memory_budget_bytes=first) as cache:
         assert not isinstance(cache.maps[0], np.memmap) and isinstance(cache.maps[1], np.memmap)
         assert cache.channels == 4 and len(cache) == 2
 
 
-def test_negative_budget_is_refused(base, images):
+def test_negative_budget_is_refused(tiny_base, images):
     with pytest.raises(ConfigError, match="budget"):
-        FeatureCache.build(base.features, images, ROI, memory_budget_bytes=-1)
+        FeatureCache.build(tiny_base.features, images, ROI, memory_budget_bytes=-1)

@@ -12,6 +12,7 @@ from torch import nn
 from fseft.config import PreprocessConfig
 from fseft.errors import CheckpointError, ConfigError
 from fseft.models import (
+    MODELS,
     FoundationModel,
     ModelConfig,
     build_model,
@@ -20,7 +21,6 @@ from fseft.models import (
     save_model,
     sliding_window_logits,
 )
-from fseft.models.checkpoint import MODELS
 
 STRUCTS = ("liver", "kidney_right", "spleen")
 

@@ -333,6 +333,29 @@ def test_cli_pretrain_writes_model_log_and_refuses_to_overwrite(
 
 
 @pytest.mark.slow
+def test_library_pretraining_is_the_road_the_cli_takes(synth_manifest: Path, tmp_path: Path) -> None:
+    """pretrain_foundation on the typed job the CLI builds gives the same weights as 'fseft pretrain'."""
+    from fseft.cli import main
+    from fseft.models import load_model
+    from fseft.training.api import PretrainJob, pretrain_foundation
+    from fseft.training.assembly import AssemblyConfig, DatasetSpec
+
+    assert main(_cli_args(synth_manifest, tmp_path / "cli", tmp_path / "cache", steps=2)) == 0
+    job = PretrainJob(
+        assembly=AssemblyConfig((DatasetSpec(synth_manifest, splits=("pretrain",)),), val_cases=1),
+        preprocess=PreprocessConfig(spacing=(8.0, 8.0, 8.0), roi=(32, 32, 32), num_samples=1),
+        train=TrainConfig(steps=2, lr=3e-3, ckpt_every=1, log_every=1, device="cpu"),
+        out=tmp_path / "api", arch="unet-small", feature_size=4, cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    outcome = pretrain_foundation(job, extra={"by": "test"})
+    assert outcome.path == tmp_path / "api" / "model.pt"
+    cli, api = load_model(tmp_path / "cli" / "model.pt"), load_model(outcome.path)
+    assert api.config == cli.config and api.extra["by"] == "test" and api.extra["steps"] == 2
+    for k, v in cli.state_dict().items():
+        torch.testing.assert_close(api.state_dict()[k], v, rtol=0, atol=0)
+
+
+@pytest.mark.slow
 def test_cli_resume_after_sigkill_matches_uninterrupted_run(synth_manifest: Path, tmp_path: Path) -> None:
     from fseft.cli import main
 

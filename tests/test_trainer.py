@@ -15,12 +15,10 @@ from fseft.adapt.api import AdaptRecord, adapt
 from fseft.adapt.early_stopping import PlateauStopper
 from fseft.adapt.support import CropSampler, SupportVolume, eligible_cases, sample_support
 from fseft.adapt.trainer import AdaptTrainConfig, fit, heldout_dice, resolve_path
-from fseft.config import PreprocessConfig
 from fseft.data.cases import Case, LabelSource
 from fseft.data.image import Image
 from fseft.data.io import write_image
 from fseft.errors import ConfigError, DataError
-from fseft.models import ModelConfig, build_model
 
 ROI = (32, 32, 32)
 SHAPE = (40, 40, 36)
@@ -44,15 +42,6 @@ def spheres(seed: int, n: int = 1, shape: tuple[int, int, int] = SHAPE) -> tuple
 def volume(seed: int, n: int = 1) -> SupportVolume:
     image, label = spheres(seed, n)
     return SupportVolume(f"case{seed}", torch.from_numpy(image)[None], torch.from_numpy(label)[None])
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        arch="unet-small", feature_size=4, structures=("liver",), preprocess=PreprocessConfig(roi=ROI)
-    )
-    return build_model(cfg).eval()
 
 
 def cases(n: int, root: Path = Path("/data")) -> list[Case]:
@@ -136,12 +125,12 @@ def test_plateau_rule_on_a_synthetic_curve():
 # --- training --------------------------------------------------------------------------------------
 
 
-def test_trainer_learns_an_unknown_structure_zero_shot_cannot(base):
+def test_trainer_learns_an_unknown_structure_zero_shot_cannot(tiny_base):
     with pytest.raises(ConfigError, match="not in this model's head"):
-        apply_method(base, "zero-shot", ["pancreas"], "binary")
+        apply_method(tiny_base, "zero-shot", ["pancreas"], "binary")
     support, query = [volume(0), volume(1)], [volume(10), volume(11)]
     torch.manual_seed(0)
-    adapted = apply_method(base, "spatial-adapter", ["pancreas"], "binary")
+    adapted = apply_method(tiny_base, "spatial-adapter", ["pancreas"], "binary")
     untrained = heldout_dice(adapted, query)["pancreas"]
     reports = []
     cfg = AdaptTrainConfig(max_epochs=20, **FAST)
@@ -155,13 +144,13 @@ def test_trainer_learns_an_unknown_structure_zero_shot_cannot(base):
     assert not adapted.training
 
 
-def test_naive_and_cached_paths_reach_the_same_dice(base):
+def test_naive_and_cached_paths_reach_the_same_dice(tiny_base):
     support, query = [volume(0), volume(1)], [volume(10), volume(11)]
     cfg = AdaptTrainConfig(max_epochs=6, **FAST)
     out = {}
     for path in ("naive", "cached"):
         torch.manual_seed(0)
-        adapted = apply_method(base, "linear-probe", ["pancreas"], "binary")
+        adapted = apply_method(tiny_base, "linear-probe", ["pancreas"], "binary")
         result = fit(adapted, support, cfg, lr=0.1, seed=3, path=path)
         out[path] = (result.loss_curve, heldout_dice(adapted, query)["pancreas"])
     (naive_curve, naive_dice), (cached_curve, cached_dice) = out["naive"], out["cached"]
@@ -170,10 +159,10 @@ def test_naive_and_cached_paths_reach_the_same_dice(base):
     assert abs(naive_dice - cached_dice) < 0.05
 
 
-def test_multiclass_task_trains_a_softmax_head_with_background(base):
+def test_multiclass_task_trains_a_softmax_head_with_background(tiny_base):
     support, query = [volume(0, n=2), volume(1, n=2)], [volume(10, n=2)]
     torch.manual_seed(0)
-    adapted = apply_method(base, "spatial-adapter", ["pancreas", "spleen"], "multiclass")
+    adapted = apply_method(tiny_base, "spatial-adapter", ["pancreas", "spleen"], "multiclass")
     assert adapted.head.out_channels == 3
     validation = volume(5, n=2)
     result = fit(
@@ -194,19 +183,19 @@ def test_multiclass_task_trains_a_softmax_head_with_background(base):
     assert set(dice) == {"pancreas", "spleen"} and min(dice.values()) > 0.3
 
 
-def test_zero_shot_trains_nothing(base):
-    adapted = apply_method(base, "zero-shot", ["liver"], "binary")
+def test_zero_shot_trains_nothing(tiny_base):
+    adapted = apply_method(tiny_base, "zero-shot", ["liver"], "binary")
     result = fit(adapted, [volume(0)], AdaptTrainConfig(**FAST), lr=0.0, seed=0, path="cached")
     assert result.stop_reason == "nothing-to-train" and result.epochs_run == 0 and not result.loss_curve
 
 
-def test_path_resolution_and_config_validation(base):
-    probe = apply_method(base, "linear-probe", ["pancreas"], "binary")
+def test_path_resolution_and_config_validation(tiny_base):
+    probe = apply_method(tiny_base, "linear-probe", ["pancreas"], "binary")
     assert resolve_path(probe, "auto") == "cached" and resolve_path(probe, "off") == "naive"
     from fseft.adapt.methods import get_method
 
     tuned = apply_method(
-        base,
+        tiny_base,
         "linear-probe",
         ["pancreas"],
         "binary",
@@ -240,13 +229,15 @@ def write_cases(root: Path, n: int) -> list[Case]:
     return out
 
 
-def test_adapt_api_end_to_end_records_the_run(base, tmp_path, monkeypatch):
+def test_adapt_api_end_to_end_records_the_run(tiny_base, tmp_path, monkeypatch):
     monkeypatch.setenv("FSEFT_CACHE", str(tmp_path / "cache"))
     pool = write_cases(tmp_path, 4)
     cfg = AdaptTrainConfig(max_epochs=3, **FAST)
-    adapted, record = fseft.adapt(
-        base, pool, "Pancreas", k=2, seed=1, method="linear-probe", train_config=cfg, validation=True
+    result = fseft.adapt(
+        tiny_base, pool, "Pancreas", k=2, seed=1, method="linear-probe", train_config=cfg, validation=True
     )
+    adapted, record = result.model, result.record
+    assert result.transductive is None and result.refiner() is None
     expected = sample_support(pool, ["pancreas"], 2, seed=1, validation=True)
     assert record.support_case_ids == list(expected.case_ids)
     assert record.validation_case_id == expected.validation.case_id
@@ -256,22 +247,22 @@ def test_adapt_api_end_to_end_records_the_run(base, tmp_path, monkeypatch):
         and len(record.loss_curve) == 3 == len(record.val_loss_curve)
     )
     assert record.trainable_params == 4 + 1 == adapted.num_trainable() and record.lr == 1e-2
-    assert record.base_fingerprint == base.fingerprint() and record.peak_memory_bytes > 0
+    assert record.base_fingerprint == tiny_base.fingerprint() and record.peak_memory_bytes > 0
     assert record.wall_time_s >= record.train_time_s + record.feature_time_s > 0
     assert record.train_config["num_samples"] == 2 and record.method_config["decoder"] == "frozen"
     saved = AdaptRecord.from_dict(json.loads(record.save(tmp_path / "r.json").read_text(encoding="utf-8")))
     assert saved == record
-    _, naive = adapt(
-        base,
+    naive = adapt(
+        tiny_base,
         pool,
         ["pancreas"],
         k=2,
         seed=1,
         method="linear-probe",
         train_config=AdaptTrainConfig(max_epochs=1, feature_cache="off", **FAST),
-    )
+    ).record
     assert naive.path == "naive" and naive.support_case_ids == record.support_case_ids
     with pytest.raises(ConfigError, match="k=5 is larger than the 4"):
-        adapt(base, pool, ["pancreas"], k=5)
+        adapt(tiny_base, pool, ["pancreas"], k=5)
     with pytest.raises(ConfigError, match="unknown task"):
-        adapt(base, pool, ["pancreas"], task="regression")
+        adapt(tiny_base, pool, ["pancreas"], task="regression")

@@ -9,15 +9,32 @@ import numpy as np
 import pytest
 import torch
 
-from fseft.adapt import apply_method, read_adapter_header, save_adapter
-from fseft.adapt.constraints import (
+from fseft.adapt import apply_method, load_adapter, read_adapter_header, save_adapter
+from fseft.adapt.adapter_io import transductive_options
+from fseft.adapt.support import SupportVolume
+from fseft.adapt.trainer import AdaptTrainConfig, fit
+from fseft.adapt.transductive import (
+    BatchConstraint,
+    PerQueryRefiner,
+    QueryFeatures,
+    TransductiveConfig,
+    query_features,
+    refine,
+)
+from fseft.adapt.transductive.constraints import (
     get_constraint,
     hinge_penalty,
     in_band,
     log_barrier_extension,
     log_barrier_penalty,
 )
-from fseft.adapt.size_prior import (
+from fseft.adapt.transductive.features import (
+    band_distance,
+    penalty,
+    predicted_proportions,
+    soft_and_mask_proportions,
+)
+from fseft.adapt.transductive.priors import (
     SizePrior,
     largest_component,
     priors_from_header,
@@ -25,23 +42,7 @@ from fseft.adapt.size_prior import (
     robust_mean,
     size_priors,
 )
-from fseft.adapt.support import SupportVolume
-from fseft.adapt.trainer import AdaptTrainConfig, fit
-from fseft.adapt.transductive import (
-    PerQueryRefiner,
-    QueryFeatures,
-    TransductiveConfig,
-    band_distance,
-    penalty,
-    predicted_proportions,
-    query_features,
-    refine,
-    soft_and_mask_proportions,
-)
-from fseft.adapt.transductive_batch import BatchConstraint
-from fseft.config import PreprocessConfig
 from fseft.errors import CheckpointError, ConfigError, DataError
-from fseft.models import ModelConfig, build_model
 
 ROI = (32, 32, 32)
 SHAPE = (36, 36, 32)
@@ -67,15 +68,6 @@ def spheres(seed: int) -> tuple[np.ndarray, np.ndarray]:
     inside = ((grid - centre[:, None, None, None]) ** 2).sum(0) < 6**2
     image[inside] = 0.8
     return image, inside.astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        arch="unet-small", feature_size=4, structures=("liver",), preprocess=PreprocessConfig(roi=ROI)
-    )
-    return build_model(cfg).eval()
 
 
 # --- size priors ------------------------------------------------------------------------------------
@@ -121,16 +113,42 @@ def test_one_prior_per_structure_and_missing_structures_fail():
         size_priors([vol], ["liver", "kidney_left"], (1, 1, 1))
 
 
-def test_priors_round_trip_through_the_adapter_file(base, tmp_path):
-    adapted = apply_method(base, "linear-probe", ["liver"])
+def test_priors_round_trip_through_the_adapter_file(tiny_base, tmp_path):
+    adapted = apply_method(tiny_base, "linear-probe", ["liver"])
     prior = size_priors([blob_volume("a", 4)], ["liver"], (1, 1, 1))
-    path = save_adapter(adapted, tmp_path / "a.safetensors", {"k": 1, **priors_to_record(prior)})
-    assert priors_from_header(read_adapter_header(path), str(path)) == prior
+    tx = TransductiveConfig(mode="per-query", constraint="log-barrier")
+    path = save_adapter(adapted, tmp_path / "a.safetensors", {"k": 1}, size_priors=prior, transductive=tx)
+    header = read_adapter_header(path)
+    assert header["version"] == 2 and header["record"] == {"k": 1}  # format fields, not provenance
+    assert priors_from_header(header, str(path)) == prior and transductive_options(header, path) == tx
     bare = save_adapter(adapted, tmp_path / "b.safetensors", {"k": 1})
     with pytest.raises(
         CheckpointError, match="b.safetensors: the adapter holds no size prior; store one with"
     ):
         priors_from_header(read_adapter_header(bare), str(bare))
+
+
+def test_version_1_adapter_files_still_load_with_their_priors(tiny_base, tmp_path):
+    """Version 1 kept the priors and options in the record; they are read into the version 2 fields."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    adapted = apply_method(tiny_base, "linear-probe", ["liver"])
+    prior = size_priors([blob_volume("a", 4)], ["liver"], (1, 1, 1))
+    v2 = save_adapter(adapted, tmp_path / "v2.safetensors", {"k": 1}, size_priors=prior)
+    with safe_open(str(v2), framework="pt") as f:
+        header = json.loads(f.metadata()["fseft"])
+    for key in ("size_priors", "transductive"):
+        del header[key]
+    tx = TransductiveConfig(mode="per-query", margin=0.2)
+    header.update(version=1, record={"k": 1, **priors_to_record(prior),
+                                     "transductive": {"config": tx.__dict__, "constraint_steps": 0}})  # fmt: skip
+    v1 = tmp_path / "v1.safetensors"
+    save_file(load_file(str(v2)), str(v1), metadata={"fseft": json.dumps(header)})
+    loaded = read_adapter_header(v1)
+    assert loaded["version"] == 1 and priors_from_header(loaded, str(v1)) == prior
+    assert transductive_options(loaded, v1) == tx
+    assert torch.equal(load_adapter(v1, tiny_base).head.weight, adapted.head.weight)
 
 
 # --- penalties --------------------------------------------------------------------------------------
@@ -196,10 +214,10 @@ def test_constraint_registry_and_config_validation():
 
 
 @pytest.fixture(scope="module")
-def probe(base):
+def probe(tiny_base):
     """A linear probe whose head gives a non-degenerate proportion, and one query's features."""
     torch.manual_seed(1)
-    adapted = apply_method(base, "linear-probe", ["liver"])
+    adapted = apply_method(tiny_base, "linear-probe", ["liver"])
     image, _ = spheres(3)
     cfg = TransductiveConfig(pool=1)
     (query,) = query_features(adapted, [torch.from_numpy(image)[None]], ["q"], cfg)
@@ -319,12 +337,12 @@ def test_per_query_refinement_starts_fresh_and_restores_the_adapter(probe):
     assert all(torch.equal(original[k], v) for k, v in model.trainable_state_dict().items())
 
 
-def test_methods_that_train_the_backbone_or_nothing_are_refused(base):
+def test_methods_that_train_the_backbone_or_nothing_are_refused(tiny_base):
     image = torch.from_numpy(spheres(0)[0])[None]
     with pytest.raises(ConfigError, match="needs a black-box method .* 'bitfit'"):
-        query_features(apply_method(base, "bitfit", ["liver"]), [image], ["q"], TransductiveConfig())
+        query_features(apply_method(tiny_base, "bitfit", ["liver"]), [image], ["q"], TransductiveConfig())
     with pytest.raises(ConfigError, match="'zero-shot' trains nothing"):
-        query_features(apply_method(base, "zero-shot", ["liver"]), [image], ["q"], TransductiveConfig())
+        query_features(apply_method(tiny_base, "zero-shot", ["liver"]), [image], ["q"], TransductiveConfig())
 
 
 def test_pooled_proportion_matches_full_resolution_for_a_constant_head(probe):
@@ -349,10 +367,10 @@ def support(seed: int) -> SupportVolume:
     return SupportVolume(f"s{seed}", torch.from_numpy(image)[None], torch.from_numpy(label)[None])
 
 
-def train(base, prior: float | None, margin: float = 0.3, constraint: str = "hinge"):
+def train(tiny_base, prior: float | None, margin: float = 0.3, constraint: str = "hinge"):
     torch.manual_seed(0)
-    adapted = apply_method(base, "linear-probe", ["liver"])
-    cfg = AdaptTrainConfig(max_epochs=5, num_samples=2, early_stopping=False, device="cpu", lr=0.05)
+    adapted = apply_method(tiny_base, "linear-probe", ["liver"])
+    cfg = AdaptTrainConfig(max_epochs=5, num_samples=2, early_stopping=False, device="cpu")
     images = [torch.from_numpy(spheres(s)[0])[None] for s in (7, 8)]
     if prior is None:
         fit(adapted, [support(1)], cfg, lr=0.05, seed=0, path="cached")
@@ -361,13 +379,13 @@ def train(base, prior: float | None, margin: float = 0.3, constraint: str = "hin
     queries = query_features(adapted, images, ["q7", "q8"], tx)
     priors = (SizePrior("liver", prior, 1.0, 1.0, 1, (prior,), (True,)),)
     with BatchConstraint(adapted, queries, priors, tx) as constraint_steps:
-        fit(adapted, [support(1)], cfg, lr=0.05, seed=0, path="cached", progress=constraint_steps.wrap(None))
+        fit(adapted, [support(1)], cfg, lr=0.05, seed=0, path="cached", hook=constraint_steps)
     return adapted, constraint_steps
 
 
-def test_batch_constraint_is_a_no_op_inside_the_band_and_pulls_otherwise(base):
-    plain, _ = train(base, None)
-    wide, steps = train(base, prior=0.5, margin=0.999)
+def test_batch_constraint_is_a_no_op_inside_the_band_and_pulls_otherwise(tiny_base):
+    plain, _ = train(tiny_base, None)
+    wide, steps = train(tiny_base, prior=0.5, margin=0.999)
     assert steps.applied == 3 and steps.computed == 4  # epochs 2..5; the last one is never applied
     assert all(
         torch.equal(a, b)
@@ -375,15 +393,15 @@ def test_batch_constraint_is_a_no_op_inside_the_band_and_pulls_otherwise(base):
             plain.trainable_state_dict().values(), wide.trainable_state_dict().values(), strict=True
         )
     )
-    _, tight = train(base, prior=1e-4, margin=0.3)
+    _, tight = train(tiny_base, prior=1e-4, margin=0.3)
     reports = tight.reports()
     assert [r.query for r in reports] == ["q7", "q8"] and reports[0].steps == 3
     assert all(r.after[0] < r.before[0] for r in reports)  # pushed towards the (tiny) prior
 
 
-def test_batch_constraint_starts_at_the_supervised_plateau_and_gets_its_own_phase(base):
+def test_batch_constraint_starts_at_the_supervised_plateau_and_gets_its_own_phase(tiny_base):
     torch.manual_seed(0)
-    adapted = apply_method(base, "linear-probe", ["liver"])
+    adapted = apply_method(tiny_base, "linear-probe", ["liver"])
     # min_delta this large: the plateau rule fires as soon as it can, at epoch 2 of each phase
     cfg = AdaptTrainConfig(
         max_epochs=8, num_samples=2, es_window=1, es_patience=1, es_min_delta=1e9, device="cpu"
@@ -392,11 +410,11 @@ def test_batch_constraint_starts_at_the_supervised_plateau_and_gets_its_own_phas
     queries = query_features(adapted, [torch.from_numpy(spheres(7)[0])[None]], ["q7"], tx)
     priors = (SizePrior("liver", 1e-4, 1.0, 1.0, 1, (1e-4,), (True,)),)
     plain = fit(
-        apply_method(base, "linear-probe", ["liver"]), [support(1)], cfg, lr=0.05, seed=0, path="cached"
+        apply_method(tiny_base, "linear-probe", ["liver"]), [support(1)], cfg, lr=0.05, seed=0, path="cached"
     )
     assert plain.epochs_run == 2 and plain.stop_reason == "plateau"
     with BatchConstraint(adapted, queries, priors, tx) as steps:
-        result = fit(adapted, [support(1)], cfg, lr=0.05, seed=0, path="cached", progress=steps.wrap(None))
+        result = fit(adapted, [support(1)], cfg, lr=0.05, seed=0, path="cached", hook=steps)
     # supervised plateau at epoch 2 starts the constraint; the restarted rule fires again at epoch 4
     assert result.epochs_run == 4 and result.stop_reason == "plateau"
     assert steps.computed == 3 and steps.applied == 2  # epochs 2, 3, 4; the last one is never applied

@@ -3,7 +3,9 @@
 Public API: :func:`apply_method` (peft's ``get_peft_model``), :class:`AdaptedModel`,
 :func:`list_methods`, :func:`get_method`, :class:`MethodConfig`, :class:`AdaptMethod`,
 :func:`register_method`, :func:`save_adapter`, :func:`load_adapter`, :func:`read_adapter_header`;
-the trainer's entry point :func:`fseft.adapt.api.adapt` (also callable as ``fseft.adapt(...)``).
+the one entry point :func:`fseft.adapt.api.adapt` (also callable as ``fseft.adapt(...)``), which
+returns an :class:`~fseft.adapt.api.AdaptResult` that saves itself; constrained transductive
+inference lives in :mod:`fseft.adapt.transductive`.
 """
 
 import sys

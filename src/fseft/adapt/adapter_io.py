@@ -3,9 +3,14 @@
 Format: one safetensors file (suffix ``.safetensors``). Its tensors are
 :meth:`AdaptedModel.trainable_state_dict`; its metadata key ``"fseft"`` holds a JSON header::
 
-    {"format": "fseft-adapter", "version": 1, "method": NAME, "config": {...}, "structures": [...],
+    {"format": "fseft-adapter", "version": 2, "method": NAME, "config": {...}, "structures": [...],
      "task": "binary" | "multiclass", "arch": ..., "feature_size": ..., "preprocess": {...},
-     "base_fingerprint": "<16 hex>", "num_trainable": N, "record": {...}}
+     "base_fingerprint": "<16 hex>", "num_trainable": N,
+     "size_priors": [SizePrior.to_dict(), ...], "transductive": TransductiveConfig dict | null,
+     "record": {...}}
+
+Version 2 made the size priors and the transductive options format fields (version 1 kept them in
+the provenance ``record``); :func:`read_adapter_header` reads version 1 files into the version 2 shape.
 
 Loading re-applies the method to the base model (same structure, same names) and copies the tensors
 in; a base whose fingerprint differs from the recorded one is refused. safetensors holds no code, so
@@ -23,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..anatomy import canonical
 from ..config import from_dict, to_dict
@@ -31,14 +38,23 @@ from ..io_utils import atomic_path
 from ..models import FoundationModel
 from .methods import get_method
 from .model import AdaptedModel, apply_method
+from .transductive.config import TransductiveConfig
+from .transductive.priors import PRIORS_KEY, SizePrior
 
 FORMAT = "fseft-adapter"
-VERSION = 1
+VERSION = 2
+#: Header key of the stored :class:`TransductiveConfig` (version 2).
+TRANSDUCTIVE_KEY = "transductive"
 _META_KEY = "fseft"
 
 
 def save_adapter(
-    adapted: AdaptedModel, path: str | os.PathLike[str], record: dict[str, Any] | None = None
+    adapted: AdaptedModel,
+    path: str | os.PathLike[str],
+    record: dict[str, Any] | None = None,
+    *,
+    size_priors: Sequence[SizePrior] = (),
+    transductive: TransductiveConfig | None = None,
 ) -> Path:
     """Write ``adapted``'s trained tensors and header to ``path`` atomically.
 
@@ -46,6 +62,8 @@ def save_adapter(
         adapted: The adapted model (trained or not).
         path: Output file (conventionally ``*.safetensors``).
         record: JSON-able description of the run (support cases, epochs, timings...).
+        size_priors: Size priors of the targets, for per-query transductive prediction.
+        transductive: The transductive options the adapter was made with.
 
     Returns:
         The path written.
@@ -54,8 +72,6 @@ def save_adapter(
         ConfigError: when ``record`` is not JSON-serialisable, a structure is not a catalogue name, or
             a trained tensor holds NaN or infinite values.
     """
-    from safetensors.torch import save_file
-
     unknown = _unknown_structures(adapted.structures)
     if unknown:
         raise ConfigError(f"{path}: adapters are written for catalogue structures: {'; '.join(unknown)}")
@@ -72,6 +88,8 @@ def save_adapter(
         "preprocess": to_dict(base.config.preprocess),
         "base_fingerprint": adapted.base_fingerprint,
         "num_trainable": adapted.num_trainable(),
+        PRIORS_KEY: [p.to_dict() for p in size_priors],
+        TRANSDUCTIVE_KEY: to_dict(transductive) if transductive is not None else None,
         "record": record or {},
     }
     try:
@@ -89,14 +107,15 @@ def save_adapter(
 
 
 def read_adapter_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON header of an adapter file (method, config, structures, task, preprocessing, record...).
+    """The JSON header of an adapter file (method, config, structures, task, preprocessing, priors, record...).
+
+    A version 1 header is returned in the version 2 shape (its priors and transductive options
+    copied out of its record).
 
     Raises:
         CheckpointError: naming the file when it is missing, unreadable, not an fseft adapter, or its
             structures are not catalogue names.
     """
-    from safetensors import safe_open
-
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: adapter file not found")
@@ -123,7 +142,31 @@ def read_adapter_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     unknown = _unknown_structures(structures)
     if unknown:
         raise CheckpointError(f"{p}: the adapter header names {'; '.join(unknown)}")
-    return header
+    return _upgrade_v1(header) if header["version"] == 1 else header
+
+
+def _upgrade_v1(header: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 header in the version 2 shape: priors and options moved from the record to fields."""
+    record = header.get("record") or {}
+    options = (record.get(TRANSDUCTIVE_KEY) or {}).get("config")
+    return {**header, PRIORS_KEY: record.get(PRIORS_KEY) or [], TRANSDUCTIVE_KEY: options}
+
+
+def transductive_options(header: dict[str, Any], path: str | os.PathLike[str]) -> TransductiveConfig | None:
+    """The transductive options stored in an adapter header (None: made without them).
+
+    Args:
+        header: :func:`read_adapter_header` of the file.
+        path: The file (for error messages).
+
+    Raises:
+        CheckpointError: invalid stored options.
+    """
+    stored = header.get(TRANSDUCTIVE_KEY)
+    try:
+        return from_dict(TransductiveConfig, stored) if stored else None
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _unknown_structures(names: Sequence[str]) -> list[str]:
@@ -164,8 +207,6 @@ def load_adapter(path: str | os.PathLike[str], base: FoundationModel) -> Adapted
             on a different base model, or its tensors do not match what the method trains or hold NaN
             or infinite values.
     """
-    from safetensors.torch import load_file
-
     p = Path(path)
     header = read_adapter_header(p)
     fingerprint = base.fingerprint()

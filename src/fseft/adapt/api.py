@@ -1,4 +1,5 @@
-"""``fseft.adapt.api.adapt``: sample a k-shot support set, apply a method, train it, record the run."""
+"""``fseft.adapt.api.adapt``: sample a k-shot support set, apply a method, train it (optionally with a
+transductive size constraint), record the run; :class:`AdaptResult` saves itself."""
 
 from __future__ import annotations
 
@@ -8,27 +9,36 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..anatomy import canonical
 from ..config import from_dict, to_dict
+from ..data.cases import Case
+from ..data.manifests import load_manifest
 from ..errors import ConfigError
 from ..io_utils import write_json_atomic
-from .support import foreground_checker, load_support_volumes, sample_support
-from .trainer import TASKS, AdaptTrainConfig, Progress, fit, resolve_path
-
-if TYPE_CHECKING:
-    from ..data.cases import Case
-    from ..models import FoundationModel
-    from .model import AdaptedModel
-
-#: ``(adapted, support volumes, progress) -> context manager yielding the per-epoch callback``
-FitHook = Callable[[Any, Sequence[Any], "Progress | None"], AbstractContextManager["Progress | None"]]
+from ..models import FoundationModel, load_model
+from ..runtime import resolve_device
+from .adapter_io import save_adapter
+from .methods import get_method
+from .model import AdaptedModel, apply_method, check_task
+from .support import SupportVolume, foreground_checker, load_support_volumes, sample_support
+from .trainer import AdaptTrainConfig, Progress, fit, resolve_path
+from .transductive import (
+    BatchConstraint,
+    PerQueryRefiner,
+    TransductiveConfig,
+    TransductiveResult,
+    check_black_box,
+    load_query_images,
+    query_features,
+    size_priors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,18 +161,60 @@ def _rss_high_water() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
-def _resolve_model(model: FoundationModel | str | os.PathLike[str]) -> FoundationModel:
-    from ..models import FoundationModel, load_model
+@dataclass
+class AdaptResult:
+    """What :func:`adapt` returns: the adapted model, the record of the run and, when asked for,
+    what transductive adaptation learnt (size priors, batch-mode constraint steps).
 
+    Args:
+        model: The adapted model, in eval mode.
+        record: The record of the run.
+        transductive: The transductive result (None for plain adaptation).
+    """
+
+    model: AdaptedModel
+    record: AdaptRecord
+    transductive: TransductiveResult | None = None
+
+    def record_dict(self) -> dict[str, Any]:
+        """The run record as JSON, with the transductive priors, options and reports when present."""
+        return {**self.record.to_dict(), **(self.transductive.to_record() if self.transductive else {})}
+
+    def refiner(self) -> PerQueryRefiner | None:
+        """A per-query refiner over :attr:`model` in per-query mode (None otherwise)."""
+        tx = self.transductive
+        if tx is None or tx.config.mode != "per-query":
+            return None
+        return PerQueryRefiner(self.model, tx.priors, tx.config)
+
+    def save(self, path: str | os.PathLike[str], record_path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the adapter file (priors and transductive options as header fields) and, when
+        ``record_path`` is given, the run record beside it; a failed record write removes the adapter.
+
+        Returns:
+            The adapter file.
+        """
+        tx = self.transductive
+        record = {**self.record.to_dict(), **({"transductive": tx.run_record()} if tx else {})}
+        out = save_adapter(self.model, path, record, size_priors=tx.priors if tx else (),
+                           transductive=tx.config if tx else None)  # fmt: skip
+        if record_path is not None:
+            try:
+                write_json_atomic(record_path, self.record_dict())
+            except BaseException:
+                out.unlink(missing_ok=True)
+                raise
+        return out
+
+
+def _resolve_model(model: FoundationModel | str | os.PathLike[str]) -> FoundationModel:
     return model if isinstance(model, FoundationModel) else load_model(model)
 
 
-def _resolve_cases(support: str | os.PathLike[str] | Sequence[Case]) -> list[Case]:
-    from ..data.manifests import load_manifest
-
-    if isinstance(support, (str, os.PathLike)):
-        return load_manifest(support)
-    return list(support)
+def _resolve_cases(cases: str | os.PathLike[str] | Sequence[Case]) -> list[Case]:
+    if isinstance(cases, (str, os.PathLike)):
+        return load_manifest(cases)
+    return list(cases)
 
 
 def adapt(
@@ -177,13 +229,19 @@ def adapt(
     method_config: Any | None = None,
     train_config: AdaptTrainConfig | None = None,
     validation: str | bool | None = None,
+    transductive: TransductiveConfig | None = None,
+    queries: str | os.PathLike[str] | Sequence[Case] | None = None,
     progress: Progress | None = None,
-    around_fit: FitHook | None = None,
-) -> tuple[AdaptedModel, AdaptRecord]:
+) -> AdaptResult:
     """Adapt a foundation model to new structures from a k-shot support set.
 
     Silva-Rodríguez, Dolz & Ben Ayed, "Towards Foundation Models and Few-Shot Parameter-Efficient
     Fine-Tuning for Volumetric Organ Segmentation", MedIA 2025.
+
+    With ``transductive`` the size priors of the targets are learnt from the support volumes; in
+    batch mode the size constraint on the unlabelled ``queries`` joins training
+    (:mod:`fseft.adapt.transductive.batch`); in per-query mode the priors are kept for prediction
+    time (:meth:`AdaptResult.refiner`, or the adapter file).
 
     Args:
         model: A :class:`~fseft.models.FoundationModel`, a registered model name or a model file.
@@ -194,33 +252,31 @@ def adapt(
         seed: Seed of support sampling, adapter initialisation and crops.
         method: Adaptation method name (:func:`fseft.adapt.list_methods`).
         task: ``"binary"`` (one sigmoid channel per structure) or ``"multiclass"`` (softmax with background).
-        method_config: The method's config dataclass, a dict of its fields, or None for its defaults.
+        method_config: The method's config dataclass, a dict of its fields, or None for its defaults
+            (its ``lr`` is the one learning rate of training and of per-query refinement).
         train_config: Training configuration (paper defaults when None).
         validation: A case id to hold out for validation, True for the next case of the sampling
             permutation, or None.
+        transductive: Constrained transductive options (None: plain adaptation); needs a black-box method.
+        queries: Unlabelled query cases (manifest path or cases) of batch mode; unused in per-query mode.
         progress: Called after each epoch with an :class:`~fseft.adapt.trainer.EpochReport`.
-        around_fit: Optional context-manager factory ``(adapted, support volumes, progress)`` entered
-            around training; what it yields replaces the per-epoch callback (used by transductive
-            adaptation to add its query constraint to the supervised steps).
 
     Returns:
-        ``(adapted model in eval mode, record of the run)``.
+        The :class:`AdaptResult` (model in eval mode, record, transductive result).
 
     Raises:
-        ConfigError: unknown method/structure/task, bad config, ``k`` larger than the eligible pool.
-        DataError: unreadable manifest or case files, too few non-empty cases.
+        ConfigError: unknown method/structure/task, bad config, ``k`` larger than the eligible pool,
+            transductive with a method that is not black-box, or batch mode without queries.
+        DataError: unreadable manifest or case files, too few non-empty cases, a structure absent
+            from every support volume (transductive).
         CheckpointError: an unreadable model file.
     """
-    from ..anatomy import canonical
-    from ..runtime import resolve_device
-    from .methods import get_method
-    from .model import apply_method
-
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    check_task(task)
     names = tuple(canonical(s) for s in ([structures] if isinstance(structures, str) else structures))
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"target structures must be distinct and at least one, got {list(names)}")
+    if transductive is not None and transductive.mode == "batch" and queries is None:
+        raise ConfigError("transductive batch mode needs query volumes (a manifest of unlabelled cases)")
     mcfg = _method_config(get_method(method), method_config)
     cfg = train_config or AdaptTrainConfig()
     device = resolve_device(cfg.device)
@@ -242,21 +298,13 @@ def adapt(
         held = load_support_volumes([chosen.validation], names, preprocess)[0] if chosen.validation else None
         torch.manual_seed(seed)
         adapted = apply_method(base, method, names, task, mcfg, base_fingerprint=fingerprint).to(device)
-        lr = cfg.lr if cfg.lr is not None else adapted.lr
         path = resolve_path(adapted, cfg.feature_cache)
-        hook = around_fit(adapted, volumes, progress) if around_fit else contextlib.nullcontext(progress)
-        with hook as on_epoch:
-            result = fit(
-                adapted,
-                volumes,
-                cfg,
-                lr=lr or 0.0,
-                seed=seed,
-                path=path,
-                validation=held,
-                device=device,
-                progress=on_epoch,
-            )
+        tx, constraint = _transductive(adapted, volumes, transductive, queries)
+        with constraint or contextlib.nullcontext():
+            result = fit(adapted, volumes, cfg, lr=adapted.lr or 0.0, seed=seed, path=path, validation=held,
+                         device=device, progress=progress, hook=constraint)  # fmt: skip
+        if tx is not None and constraint is not None:
+            constraint.record(tx)
     record = AdaptRecord(
         method=method,
         method_config=to_dict(mcfg),
@@ -269,10 +317,10 @@ def adapt(
         validation_case_id=chosen.validation.case_id if chosen.validation else None,
         base_fingerprint=fingerprint,
         trainable_params=adapted.num_trainable(),
-        lr=lr,
+        lr=adapted.lr,
         path=result.path,
         wall_time_s=time.perf_counter() - start,
-        feature_time_s=result.feature_time_s,
+        feature_time_s=result.feature_time_s + (tx.feature_time_s if tx else 0.0),
         train_time_s=result.train_time_s,
         peak_memory_bytes=memory.peak,
         memory_kind=memory.kind,
@@ -286,7 +334,34 @@ def adapt(
         "adapted %s with %s on %d case(s): %d epochs (%s), %.1f s, path %s",
         ",".join(names), method, k, result.epochs_run, result.stop_reason, record.wall_time_s, result.path,
     )  # fmt: skip
-    return adapted, record
+    if tx is not None and tx.config.mode == "batch" and tx.constraint_steps == 0:
+        logger.warning(
+            "training stopped after %d epoch(s), before any constraint step (warm-up %d epochs, "
+            "or the first plateau)", record.epochs_run, tx.config.warmup_epochs,
+        )  # fmt: skip
+    return AdaptResult(adapted, record, tx)
+
+
+def _transductive(
+    adapted: AdaptedModel,
+    volumes: Sequence[SupportVolume],
+    cfg: TransductiveConfig | None,
+    queries: str | os.PathLike[str] | Sequence[Case] | None,
+) -> tuple[TransductiveResult | None, BatchConstraint | None]:
+    """The size priors and, in batch mode, the constraint on the queries' features (None: plain)."""
+    if cfg is None:
+        return None, None
+    check_black_box(adapted)
+    pre = adapted.base.config.preprocess
+    tx = TransductiveResult(cfg, size_priors(volumes, adapted.structures, pre.spacing))
+    if cfg.mode != "batch" or queries is None:
+        return tx, None
+    query_cases = _resolve_cases(queries)
+    t0 = time.perf_counter()
+    images = load_query_images(query_cases, adapted.structures, pre)
+    features = query_features(adapted, images, [c.case_id for c in query_cases], cfg)
+    tx.feature_time_s = time.perf_counter() - t0
+    return tx, BatchConstraint(adapted, features, tx.priors, cfg)
 
 
 def _method_config(method_cls: Any, config: Any | None) -> Any:
@@ -302,4 +377,4 @@ def _method_config(method_cls: Any, config: Any | None) -> Any:
     return config
 
 
-__all__ = ["AdaptRecord", "PeakMemory", "adapt"]
+__all__ = ["AdaptRecord", "AdaptResult", "PeakMemory", "adapt"]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..models.predict import sliding_window_logits
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,6 @@ class FeatureCache:
         Raises:
             ConfigError: on a negative budget or an illegal ROI / overlap.
         """
-        from ..models.predict import sliding_window_logits
-
         if memory_budget_bytes < 0:
             raise ConfigError(f"feature memory budget must be >= 0 bytes, got {memory_budget_bytes}")
         device = torch.device(device)

@@ -15,12 +15,24 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..anatomy import canonical
 from ..errors import ConfigError
 from ..models import FoundationModel
 from .methods import AdaptMethod, MethodConfig, get_method
 
 Task = Literal["binary", "multiclass"]
+#: The prediction tasks: one sigmoid channel per structure, or one softmax with background.
 TASKS: tuple[str, ...] = ("binary", "multiclass")
+
+
+def check_task(task: str) -> None:
+    """Refuse a task outside :data:`TASKS`.
+
+    Raises:
+        ConfigError: naming the valid tasks.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; task must be one of {', '.join(TASKS)}")
 
 
 class AdaptedModel(nn.Module):
@@ -66,6 +78,11 @@ class AdaptedModel(nn.Module):
     def config(self) -> MethodConfig:
         """The method's configuration."""
         return self.method.config
+
+    @property
+    def foundation(self) -> FoundationModel:
+        """The foundation model whose preprocessing and backbone this model runs on (:attr:`base`)."""
+        return self.base
 
     @property
     def lr(self) -> float | None:
@@ -136,8 +153,6 @@ class AdaptedModel(nn.Module):
 
 
 def _target_structures(structures: Sequence[str]) -> tuple[str, ...]:
-    from ..anatomy import canonical
-
     if isinstance(structures, str) or not structures:
         raise ConfigError(f"structures must be a non-empty list of names, got {structures!r}")
     out = []
@@ -205,8 +220,7 @@ def apply_method(
     """
     cls = get_method(method_name)
     method = cls(config if config is not None else cls.config_cls())
-    if task not in TASKS:
-        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    check_task(task)
     method.check(model)
     targets = _target_structures(structures)
     fingerprint = base_fingerprint or model.fingerprint()

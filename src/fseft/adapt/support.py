@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from monai.transforms.utils import generate_pos_neg_label_crop_centers, map_binary_to_indices
 
 from ..anatomy import canonical, get_template
 from ..config import PreprocessConfig
 from ..data.cases import Case
+from ..data.dataset import PreprocessedCache
 from ..errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -184,8 +186,6 @@ def load_support_volumes(
     Raises:
         DataError: when a case's files cannot be read.
     """
-    from ..data.dataset import PreprocessedCache
-
     cache = PreprocessedCache(structures, preprocess, cache_dir, with_label=True)
     out = []
     for case in cases:
@@ -244,8 +244,6 @@ class CropSampler:
         pos: float,
         neg: float,
     ) -> None:
-        from monai.transforms.utils import map_binary_to_indices
-
         self.shape = tuple(int(s) for s in label.shape[1:])
         self.roi = tuple(int(r) for r in roi)
         if any(s < r for s, r in zip(self.shape, self.roi, strict=True)):
@@ -262,8 +260,6 @@ class CropSampler:
         Returns:
             ``num_samples`` start corners ``(x, y, z)``; each crop is ``[s, s + roi)`` per axis.
         """
-        from monai.transforms.utils import generate_pos_neg_label_crop_centers
-
         state = np.random.RandomState(np.random.SeedSequence([seed, epoch, slot]).generate_state(1)[0])
         centres = generate_pos_neg_label_crop_centers(
             self.roi, self.num_samples, self.pos_ratio, self.shape, self.fg, self.bg, state

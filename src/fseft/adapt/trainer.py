@@ -18,22 +18,23 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
+from monai.losses import DiceLoss
+from monai.metrics import compute_dice
 
 from ..errors import ConfigError, TrainingError
+from ..models.predict import sliding_window_logits
+from ..training.schedule import warmup_cosine
 from .early_stopping import PlateauStopper
 from .feature_cache import FeatureCache
+from .model import AdaptedModel, check_task
 from .support import CropSampler, SupportVolume, crop
-
-if TYPE_CHECKING:
-    from .model import AdaptedModel
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("binary", "multiclass")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 MONITORS = ("auto", "train", "val")
 
@@ -47,7 +48,6 @@ class AdaptTrainConfig:
         num_samples: Random ROI crops per volume per step.
         pos: Weight of crops centred on a target voxel.
         neg: Weight of crops centred on a background (body) voxel.
-        lr: Peak learning rate; ``None`` uses the method's (paper) default.
         weight_decay: AdamW weight decay (0 in the paper).
         warmup_epochs: Epochs of linear warm-up before the cosine decay.
         dice_smooth: Smoothing of MONAI's ``DiceLoss`` (numerator and denominator). The Dice is
@@ -76,7 +76,6 @@ class AdaptTrainConfig:
     num_samples: int = 6
     pos: float = 1.0
     neg: float = 1.0
-    lr: float | None = None
     weight_decay: float = 0.0
     warmup_epochs: int = 1
     dice_smooth: float = 1e-5
@@ -97,8 +96,8 @@ class AdaptTrainConfig:
             raise ConfigError("max_epochs and num_samples must be >= 1 and warmup_epochs >= 0")
         if self.pos < 0 or self.neg < 0 or self.pos + self.neg <= 0:
             raise ConfigError(f"pos/neg must be non-negative with a positive sum, got {self.pos}, {self.neg}")
-        if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0 or self.dice_smooth <= 0:
-            raise ConfigError("lr must be > 0, weight_decay >= 0 and dice_smooth > 0")
+        if self.weight_decay < 0 or self.dice_smooth <= 0:
+            raise ConfigError("weight_decay must be >= 0 and dice_smooth > 0")
         PlateauStopper(self.es_window, self.es_patience, self.es_min_delta)  # validates the rule
         for name, value, valid in (
             ("monitor", self.monitor, MONITORS),
@@ -121,8 +120,8 @@ class EpochReport:
         loss: Mean training loss of the epoch (``nan`` while caching).
         val_loss: Validation loss of the epoch, if a validation case is used.
         elapsed_s: Seconds since the stage started.
-        plateau: The early-stopping rule fired at this epoch: training stops after the callback,
-            unless the callback returns True to start a new training phase (the rule then restarts).
+        plateau: The early-stopping rule fired at this epoch: training stops after the callbacks,
+            unless the epoch hook starts a new training phase (the rule then restarts).
     """
 
     stage: str
@@ -134,8 +133,16 @@ class EpochReport:
     plateau: bool = False
 
 
-#: Called after each epoch; returning True restarts early stopping (a new phase of training begins).
-Progress = Callable[[EpochReport], "bool | None"]
+#: Called after each epoch (and each cached volume) to show progress.
+Progress = Callable[[EpochReport], None]
+
+
+class EpochHook(Protocol):
+    """Something that acts on training after each epoch (the batch-mode transductive constraint)."""
+
+    def after_epoch(self, report: EpochReport) -> bool:
+        """Act after an epoch; return True to start a new phase (early stopping starts over)."""
+        ...
 
 
 @dataclass
@@ -173,10 +180,7 @@ def make_loss(task: str, smooth: float = 1e-5) -> Callable[[torch.Tensor, torch.
     Raises:
         ConfigError: on an unknown task.
     """
-    from monai.losses import DiceLoss
-
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    check_task(task)
     if task == "multiclass":
         dice = DiceLoss(softmax=True, to_onehot_y=True, batch=True, smooth_nr=smooth, smooth_dr=smooth)
         return lambda logits, label: dice(logits, label.long())
@@ -230,6 +234,7 @@ def fit(
     validation: SupportVolume | None = None,
     device: torch.device | None = None,
     progress: Progress | None = None,
+    hook: EpochHook | None = None,
 ) -> FitResult:
     """Train ``adapted`` (an :class:`~fseft.adapt.model.AdaptedModel`) on the support volumes.
 
@@ -243,6 +248,7 @@ def fit(
         validation: Held-out volume whose loss is recorded each epoch (and monitored if asked).
         device: Where to train (default: the model's device).
         progress: Called after every epoch (and every cached volume).
+        hook: Called after every epoch, before ``progress``; may start a new training phase.
 
     Returns:
         The :class:`FitResult`; ``adapted`` is trained in place and left in eval mode.
@@ -303,6 +309,7 @@ def fit(
             validation,
             device,
             progress,
+            hook,
             result,
         )
     finally:
@@ -326,10 +333,9 @@ def _epochs(
     validation: SupportVolume | None,
     device: torch.device,
     progress: Progress | None,
+    hook: EpochHook | None,
     result: FitResult,
 ) -> None:
-    from ..training.schedule import warmup_cosine
-
     k = len(volumes)
     params = [p for p in adapted.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -366,19 +372,15 @@ def _epochs(
         result.train_time_s = time.perf_counter() - start
         watched = val_loss if monitor == "val" and val_loss is not None else result.loss_curve[-1]
         plateau = stopper.update(watched) and cfg.early_stopping
+        report = EpochReport(
+            "train", epoch + 1, cfg.max_epochs, result.loss_curve[-1], val_loss, result.train_time_s, plateau
+        )
+        restart = hook.after_epoch(report) if hook is not None else False
         if progress is not None:
-            report = EpochReport(
-                "train",
-                epoch + 1,
-                cfg.max_epochs,
-                result.loss_curve[-1],
-                val_loss,
-                result.train_time_s,
-                plateau,
-            )
-            if progress(report) is True:  # a new phase: the plateau rule starts over
-                stopper = PlateauStopper(cfg.es_window, cfg.es_patience, cfg.es_min_delta)
-                plateau = False
+            progress(report)
+        if restart:  # a new phase: the plateau rule starts over
+            stopper = PlateauStopper(cfg.es_window, cfg.es_patience, cfg.es_min_delta)
+            plateau = False
         if plateau:
             result.stop_reason = "val-plateau" if monitor == "val" else "plateau"
             return
@@ -422,8 +424,6 @@ def volume_logits(
     overlap: float = 0.5,
 ) -> torch.Tensor:
     """Sliding-window logits ``[1, C, X, Y, Z]`` of ``adapted`` over a ``[1, X, Y, Z]`` volume (eval mode)."""
-    from ..models.predict import sliding_window_logits
-
     adapted.eval()
     device = device or next(adapted.parameters()).device
     roi = adapted.base.config.preprocess.roi
@@ -449,8 +449,6 @@ def heldout_dice(
     Returns:
         ``{structure: mean Dice}``; a structure absent from both prediction and label scores 1.
     """
-    from monai.metrics import compute_dice
-
     structures: Sequence[str] = adapted.structures
     sums = np.zeros(len(structures))
     for volume in volumes:
@@ -463,6 +461,7 @@ def heldout_dice(
 
 __all__ = [
     "AdaptTrainConfig",
+    "EpochHook",
     "EpochReport",
     "FitResult",
     "Progress",

@@ -2,9 +2,10 @@
 
 Public API: :func:`load_protocol` / :func:`parse_protocol` (:class:`Protocol`), :func:`plan`
 (:class:`Plan`, :class:`Cell`), :func:`run_benchmark` (:class:`BenchmarkResult`), :func:`run_cells`,
-:func:`read_cells`, :func:`merge`, :func:`write_results`, :func:`markdown`, :func:`shipped_protocols`.
+:func:`read_cells` (:class:`CellResult`), :func:`merge`, :func:`write_results`, :func:`markdown`, :func:`shipped_protocols`.
 """
 
+from .cells import CellCost, CellResult, MetricRow
 from .planning import ALL, Cell, Plan, TaskCases, plan, shard
 from .protocol import (
     BuildSpec,
@@ -27,9 +28,12 @@ __all__ = [
     "BenchmarkResult",
     "BuildSpec",
     "Cell",
+    "CellCost",
     "CellEvent",
+    "CellResult",
     "DataSpec",
     "MethodSpec",
+    "MetricRow",
     "ModelSpec",
     "Plan",
     "Protocol",

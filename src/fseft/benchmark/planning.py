@@ -17,8 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..adapt.methods import get_method
+from ..adapt.model import apply_method
+from ..adapt.support import eligible_cases
+from ..config import to_dict
 from ..data.cases import Case, LabelSource
+from ..data.io import image_suffix
+from ..data.manifests import load_manifest
+from ..data.synth import generate_assembly
+from ..defaults import DEFAULT_MODEL
 from ..errors import ConfigError, DataError
+from ..models import MODELS, load_model, model_available
 from .protocol import MethodSpec, Protocol, SourceSpec, TaskSpec, expand
 
 logger = logging.getLogger(__name__)
@@ -36,7 +45,6 @@ class TaskCases:
         pool: Support pool (cases annotating every target structure), sorted by case id.
         queries: Query cases, sorted by case id.
     """
-
     spec: TaskSpec
     pool: tuple[Case, ...]
     queries: tuple[Case, ...]
@@ -56,7 +64,6 @@ class Cell:
         all_train: The upper-bound cell (every support case).
         seed: Seed.
     """
-
     task: str
     group: str
     task_index: int
@@ -89,7 +96,6 @@ class Plan:
         tasks: Cases of every task, in protocol order.
         cells: The whole grid, in a deterministic order (task, method, k, seed).
     """
-
     protocol: Protocol
     model: str
     data_root: Path
@@ -129,8 +135,6 @@ class Plan:
 
 
 def _plain(spec: Any) -> dict[str, Any]:
-    from ..config import to_dict
-
     return to_dict(spec)
 
 
@@ -185,8 +189,6 @@ def plan(
             naming the protocol file.
         DataError: missing manifests or files.
     """
-    from ..data.manifests import load_manifest
-
     w = protocol.where
     out = Path(out)
     root = Path(data_root) if data_root is not None else out / "data"
@@ -222,8 +224,6 @@ def _existing(path: Path, what: str) -> Path:
 
 
 def _protocol_cases(protocol: Protocol, root: Path, values: dict[str, str]) -> list[Case]:
-    from ..data.manifests import load_manifest
-
     data, w = protocol.data, protocol.where
     if data.source == "synth":
         cases = load_manifest(_synth_manifest(protocol, root))
@@ -251,8 +251,6 @@ def _protocol_cases(protocol: Protocol, root: Path, values: dict[str, str]) -> l
 
 def _synth_manifest(protocol: Protocol, root: Path) -> Path:
     """The synthetic assembly's manifest under ``root``, generated when missing."""
-    from ..data.synth import generate_assembly
-
     data = protocol.data
     manifest, info = root / "manifest.csv", root / "synth.json"
     if manifest.is_file() and info.is_file():
@@ -271,8 +269,6 @@ def _synth_manifest(protocol: Protocol, root: Path) -> Path:
 
 
 def _folder_cases(source: SourceSpec, root: Path, values: dict[str, str], where: str) -> list[Case]:
-    from ..data.io import image_suffix
-
     images = root / expand(source.images or "", **values)
     labels = root / expand(source.labels or "", **values)
     for folder in (images, labels):
@@ -322,8 +318,6 @@ def _split(
 def _task_cases(
     protocol: Protocol, spec: TaskSpec, pool: list[Case], queries: list[Case], where: str
 ) -> TaskCases:
-    from ..adapt.support import eligible_cases
-
     overlap = sorted({c.case_id for c in pool} & {c.case_id for c in queries})
     if overlap:
         raise ConfigError(f"{where}: cases {overlap[:5]} are both support and query")
@@ -343,8 +337,6 @@ def _task_cases(
 
 
 def _model_name(protocol: Protocol, values: dict[str, str]) -> str:
-    from ..models import DEFAULT_MODEL
-
     spec = protocol.model
     if spec.name is not None:
         return expand(spec.name, **values)
@@ -353,18 +345,8 @@ def _model_name(protocol: Protocol, values: dict[str, str]) -> str:
     return DEFAULT_MODEL
 
 
-def model_available(name: str) -> bool:
-    """True for a registered model, a zoo name or an existing file."""
-    from ..models import MODELS, zoo
-
-    return name in MODELS or name in zoo.ZOO or Path(name).is_file()
-
-
 def _dry_run(protocol: Protocol, tasks: Sequence[TaskCases], model_name: str) -> None:
     """Apply every (task, method) pair to the model once; a model still to be built is skipped."""
-    from ..adapt.model import apply_method
-    from ..models import MODELS, load_model
-
     if not model_available(model_name):
         if protocol.model.build is None:
             raise ConfigError(
@@ -388,8 +370,6 @@ def _dry_run(protocol: Protocol, tasks: Sequence[TaskCases], model_name: str) ->
 
 
 def _cells(protocol: Protocol, tasks: Sequence[TaskCases]) -> list[Cell]:
-    from ..adapt.methods import get_method
-
     cells = []
     for ti, task in enumerate(tasks):
         for mi, spec in enumerate(protocol.methods):

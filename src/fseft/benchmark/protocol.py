@@ -16,12 +16,22 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..config import from_dict, load_yaml, to_dict
+from ..adapt.methods import get_method
+from ..adapt.model import check_task
+from ..adapt.trainer import AdaptTrainConfig
+from ..adapt.transductive import TransductiveConfig
+from ..anatomy import canonical
+from ..config import PreprocessConfig, from_dict, load_yaml, to_dict
 from ..errors import ConfigError
+from ..inference import PredictConfig
+from ..models import get_backbone
+from ..protocols import shipped_protocol, shipped_protocols
+from ..training.api import PretrainJob
+from ..training.assembly import load_assembly
+from ..training.config import TrainConfig
 
 METRICS = ("dice", "hd95", "nsd")
 DATA_SOURCES = ("manifest", "synth")
@@ -31,16 +41,34 @@ PLACEHOLDERS = ("data_root", "protocol_dir", "out")
 
 @dataclass(frozen=True)
 class BuildSpec:
-    """How to pre-train the foundation model when it does not exist yet (``fseft pretrain``).
+    """How to pre-train the foundation model when it does not exist yet
+    (:func:`fseft.training.api.pretrain_foundation`, the road ``fseft pretrain`` takes too).
 
     Args:
         assembly: Assembly recipe (:mod:`fseft.training.assembly` format), relative to the protocol
             file; its ``manifest`` paths are relative to the data root.
-        args: Further ``fseft pretrain`` arguments (``--out`` and ``--assembly`` are added).
+        arch: Backbone (``fseft pretrain --model-arch``).
+        feature_size: Backbone width.
+        preprocess: :class:`~fseft.config.PreprocessConfig` fields (e.g. ``spacing``, ``roi``).
+        train: :class:`~fseft.training.config.TrainConfig` fields (e.g. ``steps``).
     """
-
     assembly: str
-    args: tuple[str, ...] = ()
+    arch: str = "swinunetr"
+    feature_size: int = 48
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def job(self, assembly: Path, out: Path, *, resume: bool = False) -> Any:
+        """The :class:`~fseft.training.api.PretrainJob` writing into ``out`` from a resolved assembly file.
+
+        Raises:
+            ConfigError: invalid preprocessing or training fields, or an invalid assembly.
+        """
+        return PretrainJob(
+            assembly=load_assembly(assembly), preprocess=from_dict(PreprocessConfig, dict(self.preprocess)),
+            train=from_dict(TrainConfig, dict(self.train)), out=out, arch=self.arch,
+            feature_size=self.feature_size, resume=resume,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,7 +81,6 @@ class ModelSpec:
         build: How to pre-train the model when the file is missing.
         description: One line for the report.
     """
-
     name: str | None = None
     build: BuildSpec | None = None
     description: str = ""
@@ -71,7 +98,6 @@ class SourceSpec:
         template: Label template of ``labels`` (and of a manifest that names none).
         split: Split name given to the cases of a folder pair.
     """
-
     manifest: str | None = None
     images: str | None = None
     labels: str | None = None
@@ -106,7 +132,6 @@ class DataSpec:
         query_count: Number of query cases (the last ones in natural case-id order).
         query_fraction: Fraction of the cases used as queries when ``query_count`` is not given.
     """
-
     source: str = "manifest"
     sources: tuple[SourceSpec, ...] = ()
     synth_preset: str = "default"
@@ -152,7 +177,6 @@ class TaskSpec:
         k: Support sizes of this task, replacing the protocol's (a structure annotated in few pool
             cases, for example).
     """
-
     name: str
     structures: tuple[str, ...]
     group: str = "novel"
@@ -164,16 +188,12 @@ class TaskSpec:
     k: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        from ..adapt.trainer import TASKS
-        from ..anatomy import canonical
-
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ConfigError(f"task name {self.name!r} must use letters, digits, '_', '-', '.'")
         if isinstance(self.structures, str) or not self.structures:
             raise ConfigError("'structures' must be a non-empty list")
         object.__setattr__(self, "structures", tuple(canonical(s) for s in self.structures))
-        if self.task not in TASKS:
-            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        check_task(self.task)
         if self.k is not None:
             if isinstance(self.k, int | str) or not self.k:
                 raise ConfigError(f"task {self.name}: k must be a non-empty list of support sizes")
@@ -202,7 +222,6 @@ class MethodSpec:
         groups: Run only on tasks of these groups (e.g. zero-shot on ``base``); None: all.
         all_train: Also train on every support case of the pool (the upper-bound column ``all``).
     """
-
     method: str
     label: str | None = None
     decoder: str | None = None
@@ -219,8 +238,6 @@ class MethodSpec:
         Raises:
             ConfigError: unknown method or invalid options.
         """
-        from ..adapt.methods import get_method
-
         cls = get_method(self.method)
         values = dict(self.options)
         for key in ("decoder", "bottleneck"):
@@ -230,8 +247,6 @@ class MethodSpec:
 
     def transductive_config(self) -> Any:
         """The :class:`~fseft.adapt.transductive.TransductiveConfig` (None when not transductive)."""
-        from ..adapt.transductive import TransductiveConfig
-
         return from_dict(TransductiveConfig, dict(self.transductive_options)) if self.transductive else None
 
     @property
@@ -239,14 +254,12 @@ class MethodSpec:
         """The label shown in tables."""
         if self.label:
             return self.label
-        from ..adapt.methods import get_method
 
         decoder = self.method_config().decoder
         default = get_method(self.method).config_cls().decoder
         text = self.method if decoder == default else f"{self.method} (decoder {decoder})"
         if not self.transductive:
             return text
-        from ..adapt.transductive import TransductiveConfig
 
         tx, paper = self.transductive_config(), TransductiveConfig()
         variants = [v for v, d in ((tx.mode, paper.mode), (tx.constraint, paper.constraint)) if v != d]
@@ -272,7 +285,6 @@ class Protocol:
         nsd_tolerance_mm: NSD tolerance.
         path: The YAML file it was read from.
     """
-
     name: str
     tasks: tuple[TaskSpec, ...]
     methods: tuple[MethodSpec, ...]
@@ -294,14 +306,10 @@ class Protocol:
 
     def train_config(self) -> Any:
         """The :class:`~fseft.adapt.trainer.AdaptTrainConfig` of every cell."""
-        from ..adapt.trainer import AdaptTrainConfig
-
         return from_dict(AdaptTrainConfig, dict(self.train))
 
     def predict_config(self) -> Any:
         """The :class:`~fseft.inference.PredictConfig` used on the queries."""
-        from ..inference import PredictConfig
-
         return from_dict(PredictConfig, dict(self.predict))
 
     def groups(self) -> list[str]:
@@ -400,13 +408,13 @@ def validate(protocol: Protocol) -> None:
             build()
         except ConfigError as e:
             raise ConfigError(f"{w}: {key}: {e}") from None
+    if protocol.model.build is not None:
+        _check_build(protocol.model.build, f"{w}: model.build")
     groups = set(protocol.groups())
     labels: list[str] = []
     for i, spec in enumerate(protocol.methods):
         where = f"{w}: methods[{i}] ({spec.method})"
         try:
-            from ..adapt.methods import get_method
-
             cls = get_method(spec.method)
             config = spec.method_config()
             spec.transductive_config()
@@ -425,6 +433,16 @@ def validate(protocol: Protocol) -> None:
         raise ConfigError(f"{w}: methods: duplicate row labels {dupes}; give each a distinct 'label'")
 
 
+def _check_build(build: BuildSpec, where: str) -> None:
+    """Refuse an unknown backbone or invalid preprocessing/training fields of a model build recipe."""
+    try:
+        get_backbone(build.arch)
+        from_dict(PreprocessConfig, dict(build.preprocess))
+        from_dict(TrainConfig, dict(build.train))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def load_protocol(path: str | os.PathLike[str]) -> Protocol:
     """Read and validate a protocol YAML; a bare name (``synthetic``) is a shipped protocol.
 
@@ -435,28 +453,6 @@ def load_protocol(path: str | os.PathLike[str]) -> Protocol:
     if not p.suffix and not p.exists():
         p = shipped_protocol(str(path))
     return parse_protocol(load_yaml(p), str(p))
-
-
-def shipped_protocols() -> list[str]:
-    """Names of the protocols shipped with fseft."""
-    folder = resources.files("fseft.protocols")
-    return sorted(
-        f.name[: -len(".yaml")]
-        for f in folder.iterdir()
-        if f.name.endswith(".yaml") and not f.name.endswith("_assembly.yaml")
-    )
-
-
-def shipped_protocol(name: str) -> Path:
-    """Path of the shipped protocol ``name``.
-
-    Raises:
-        ConfigError: listing the shipped protocols.
-    """
-    path = Path(str(resources.files("fseft.protocols").joinpath(f"{name}.yaml")))
-    if name not in shipped_protocols() or not path.is_file():
-        raise ConfigError(f"unknown protocol {name!r}; shipped protocols: {', '.join(shipped_protocols())}")
-    return path
 
 
 def expand(template: str, **values: str) -> str:

@@ -1,6 +1,6 @@
 """Run a benchmark grid: one cell (task x method x k x seed) at a time, each written atomically.
 
-A finished cell is a JSON file ``OUT/cells/<cell id>.json`` holding the cell's configuration (and
+A finished cell is a JSON file ``OUT/cells/<cell id>.json`` (a :class:`~fseft.benchmark.cells.CellResult`) holding the cell's configuration (and
 its hash), the adaptation record, the cost (trainable parameters, adapter file size, peak memory,
 adaptation wall time) and the per-query-case metrics. A cell whose file exists is never
 recomputed, so an interrupted benchmark resumes where it stopped; a file written under a different
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -22,16 +23,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
+from ..adapt.api import adapt
+from ..adapt.methods import get_method
+from ..adapt.transductive import PerQueryRefiner
+from ..config import to_dict
+from ..data.cases import Case
+from ..data.io import read_image, read_label
 from ..errors import ConfigError, DataError
-from ..io_utils import atomic_path, write_json_atomic
-from .planning import Cell, Plan, model_available
+from ..evaluation import evaluate_masks
+from ..inference import PredictConfig, RefineHook, predict_image
+from ..io_utils import atomic_path, write_json_atomic, write_text_atomic
+from ..models import load_model, model_available
+from ..report import build_report
+from ..training.api import pretrain_foundation
+from .cells import CellCost, CellResult, MetricRow
+from .planning import Cell, Plan, shard
+from .planning import plan as make_plan
+from .protocol import Protocol, load_protocol
+from .tables import write_outputs
 
 logger = logging.getLogger(__name__)
 
 CELLS_DIR = "cells"
 ADAPTERS_DIR = "adapters"
-CELL_FORMAT = "fseft-benchmark-cell"
 
 
 @dataclass(frozen=True)
@@ -45,7 +61,6 @@ class CellEvent:
         cell: The cell.
         seconds: Wall time of the cell (``done`` only).
     """
-
     stage: str
     index: int
     total: int
@@ -101,7 +116,7 @@ def run_cells(
             on_cell(CellEvent("start", i, len(cells), cell))
         start = time.perf_counter()
         result = run_cell(plan, cell, model, out, on_epoch=on_epoch)
-        write_json_atomic(cell_path(out, cell), result)
+        write_json_atomic(cell_path(out, cell), result.to_dict())
         if on_cell:
             on_cell(CellEvent("done", i, len(cells), cell, time.perf_counter() - start))
     return paths
@@ -120,8 +135,6 @@ def _check_cached(plan: Plan, cell: Cell, path: Path) -> None:
 
 
 def _load_model(plan: Plan, out: Path) -> Any:
-    from ..models import load_model
-
     if not model_available(plan.model):
         _build_model(plan, out)
     return load_model(plan.model)
@@ -129,11 +142,6 @@ def _load_model(plan: Plan, out: Path) -> Any:
 
 def _build_model(plan: Plan, out: Path) -> None:
     """Pre-train the protocol's foundation model into ``OUT/foundation`` (its ``build`` recipe)."""
-    import yaml
-
-    from ..cli import main
-    from ..io_utils import write_text_atomic
-
     build = plan.protocol.model.build
     if build is None:
         raise ConfigError(f"model {plan.model!r} not found")
@@ -146,19 +154,17 @@ def _build_model(plan: Plan, out: Path) -> None:
     folder = Path(plan.model).parent
     assembly = folder / "assembly.yaml"
     write_text_atomic(assembly, yaml.safe_dump(data, sort_keys=False))
-    argv = ["pretrain", "--assembly", str(assembly), "--out", str(folder), *build.args]
-    if (folder / "checkpoint.pt").is_file():
-        argv.append("--resume")
-    logger.info("building the foundation model: fseft %s", " ".join(argv))
-    code = main(argv)
-    if code != 0 or not Path(plan.model).is_file():
-        raise ConfigError(f"building the foundation model failed (fseft {' '.join(argv)})")
+    job = build.job(assembly, folder, resume=(folder / "checkpoint.pt").is_file())
+    logger.info("building the foundation model %s (%s, resume: %s)", plan.model, build.arch, job.resume)
+    pretrain_foundation(job, extra={"protocol": plan.protocol.name, "build": to_dict(build)})
+    if not Path(plan.model).is_file():
+        raise ConfigError(f"building the foundation model failed: {plan.model} was not written")
 
 
 def run_cell(
     plan: Plan, cell: Cell, model: Any, out: Path, *, on_epoch: Callable[[Any], None] | None = None
-) -> dict[str, Any]:
-    """Adapt, predict every query case, evaluate; returns the cell's JSON-able result.
+) -> CellResult:
+    """Adapt, predict every query case, evaluate; returns the cell's result.
 
     Args:
         plan: The resolved benchmark.
@@ -168,59 +174,35 @@ def run_cell(
         on_epoch: Per-epoch progress callback.
 
     Returns:
-        ``{"format", "cell", "config_hash", "config", "record", "cost", "metrics"}``.
+        The :class:`~fseft.benchmark.cells.CellResult`.
     """
-    from ..adapt.adapter_io import save_adapter
-    from ..adapt.api import adapt
-    from ..adapt.methods import get_method
-
     protocol, spec, task = plan.protocol, plan.method(cell), plan.task(cell.task)
-    options = dict(k=cell.k, seed=cell.seed, method=spec.method, task=task.spec.task,
-                   method_config=spec.method_config(), train_config=protocol.train_config(), progress=on_epoch)  # fmt: skip
-    extra: dict[str, Any] = {}
-    refiner = None
-    if spec.transductive:
-        from ..adapt.transductive import PerQueryRefiner
-        from ..adapt.transductive_batch import adapt_transductive
-
-        tx_config = spec.transductive_config()
-        adapted, record, tx = adapt_transductive(
-            model, task.pool, task.spec.structures, task.queries, transductive=tx_config, **options
-        )  # fmt: skip
-        extra = tx.to_record()
-        if tx_config.mode == "per-query":
-            refiner = PerQueryRefiner(adapted, tx.priors, tx_config)
-    else:
-        adapted, record = adapt(model, task.pool, task.spec.structures, **options)
-    adapter = out / ADAPTERS_DIR / f"{cell.cell_id}.safetensors"
-    save_adapter(adapted, adapter, {**record.to_dict(), **extra})
-    rows = evaluate_queries(adapted, task.queries, task.spec.structures, protocol, refiner=refiner)
-    if refiner is not None:
-        extra["transductive"]["queries"] = [r.to_dict() for r in refiner.reports]
-    cost = {
-        "trainable_params": record.trainable_params,
-        "adapter_bytes": adapter.stat().st_size,
-        "peak_memory_bytes": record.peak_memory_bytes,
-        "memory_kind": record.memory_kind,
-        "adapt_wall_s": record.wall_time_s,
-        "device": record.device,
-    }
-    return {
-        "format": CELL_FORMAT,
-        "cell": {**dataclasses.asdict(cell), "column": cell.column, "cell_id": cell.cell_id, "method": spec.method,
-                 "decoder": spec.method_config().decoder, "transductive": spec.transductive,
-                 "k_independent": get_method(spec.method).paper_lr is None},
-        "config_hash": plan.config_hash(cell),
-        "config": plan.cell_config(cell),
-        "record": {**record.to_dict(), **extra},
-        "cost": cost,
-        "metrics": rows,
-    }  # fmt: skip
+    result = adapt(model, task.pool, task.spec.structures, k=cell.k, seed=cell.seed, method=spec.method,
+                   task=task.spec.task, method_config=spec.method_config(), train_config=protocol.train_config(),
+                   transductive=spec.transductive_config(), queries=task.queries, progress=on_epoch)  # fmt: skip
+    adapter = result.save(out / ADAPTERS_DIR / f"{cell.cell_id}.safetensors")
+    refiner = result.refiner()
+    rows = evaluate_queries(result.model, task.queries, task.spec.structures, protocol, refiner=refiner)
+    if refiner is not None and result.transductive is not None:
+        result.transductive.reports = list(refiner.reports)
+    record = result.record
+    cost = CellCost(record.trainable_params, adapter.stat().st_size, record.peak_memory_bytes, record.memory_kind,
+                    record.wall_time_s, record.device)  # fmt: skip
+    return CellResult(
+        cell=cell, method=spec.method, decoder=spec.method_config().decoder, transductive=spec.transductive,
+        k_independent=get_method(spec.method).paper_lr is None, config_hash=plan.config_hash(cell),
+        config=plan.cell_config(cell), record=result.record_dict(), cost=cost, metrics=tuple(rows),
+    )  # fmt: skip
 
 
 def evaluate_queries(
-    adapted: Any, queries: Sequence[Any], structures: Sequence[str], protocol: Any, *, refiner: Any = None
-) -> list[dict[str, Any]]:
+    adapted: Any,
+    queries: Sequence[Case],
+    structures: Sequence[str],
+    protocol: Protocol,
+    *,
+    refiner: PerQueryRefiner | None = None,
+) -> list[MetricRow]:
     """Predict each query case on its own grid and score it against its reference.
 
     Args:
@@ -229,33 +211,32 @@ def evaluate_queries(
         structures: Target structures, in the model's channel order.
         protocol: The protocol (prediction options, NSD tolerance).
         refiner: A :class:`~fseft.adapt.transductive.PerQueryRefiner` over ``adapted``: each query
-            refines the adapter before it is predicted (per-query transductive inference); the
-            original adapter is restored afterwards.
+            refines the adapter (prediction's refinement hook) before it is predicted; the original
+            adapter is restored afterwards.
 
     Returns:
-        One row per (case, structure): ``case, structure, dice, hd95_mm, nsd, vol_pred_ml,
-        vol_gt_ml, flag`` (NaN metrics as None).
+        One :class:`~fseft.benchmark.cells.MetricRow` per (case, structure) (NaN metrics as None).
     """
     config = protocol.predict_config()
     rows = []
     with refiner if refiner is not None else contextlib.nullcontext():
         for case in queries:
-            rows.extend(_score_query(adapted, case, structures, protocol, config, refiner))
+            hook = None if refiner is None else functools.partial(refiner.refine, case.case_id)
+            rows.extend(_score_query(adapted, case, structures, protocol, config, hook))
     return rows
 
 
 def _score_query(
-    adapted: Any, case: Any, structures: Sequence[str], protocol: Any, config: Any, refiner: Any
-) -> list[dict[str, Any]]:
-    """Metric rows of one query case (refined first when ``refiner`` is given)."""
-    from ..data.io import read_image, read_label
-    from ..evaluation import evaluate_masks
-    from ..inference import predict_image
-
+    adapted: Any,
+    case: Case,
+    structures: Sequence[str],
+    protocol: Protocol,
+    config: PredictConfig,
+    refine: RefineHook | None,
+) -> list[MetricRow]:
+    """Metric rows of one query case (read once; refined on its preprocessed image when ``refine``)."""
     image = read_image(case.image)
-    if refiner is not None:
-        refiner.refine_image(case.case_id, image)
-    prediction = predict_image(adapted, image, config=config)
+    prediction = predict_image(adapted, image, config=config, refine=refine)
     masks: dict[str, np.ndarray] = {}
     for source in case.labels:
         for name, mask in read_label(source, image, structures=structures).items():
@@ -266,8 +247,7 @@ def _score_query(
             raise DataError(f"{case.case_id}: its labels hold no {name}")
         m = evaluate_masks(prediction.label.array == i + 1, masks[name], image.spacing,
                            protocol.nsd_tolerance_mm, case=case.case_id, structure=name)  # fmt: skip
-        rows.append({key: _finite(getattr(m, key)) for key in
-                     ("case", "structure", "dice", "hd95_mm", "nsd", "vol_pred_ml", "vol_gt_ml", "flag")})  # fmt: skip
+        rows.append(MetricRow(**{f.name: _finite(getattr(m, f.name)) for f in dataclasses.fields(MetricRow)}))
     return rows
 
 
@@ -277,30 +257,29 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def read_cells(folders: Sequence[str | Path]) -> list[dict[str, Any]]:
+def read_cells(folders: Sequence[str | Path]) -> list[CellResult]:
     """Every cell result under ``FOLDER/cells`` of each folder (duplicates must agree).
 
     Raises:
         ConfigError: the same cell computed under two configurations.
         DataError: an unreadable cell file.
     """
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, CellResult] = {}
     for folder in folders:
         for path in sorted((Path(folder) / CELLS_DIR).glob("*.json")):
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 raise DataError(f"{path}: unreadable benchmark cell") from None
-            if data.get("format") != CELL_FORMAT:
-                raise DataError(f"{path}: not a benchmark cell file")
-            key = data["cell"]["cell_id"]
-            if key in found and found[key]["config_hash"] != data["config_hash"]:
+            cell = CellResult.from_dict(data, str(path))
+            key = cell.cell_id
+            if key in found and found[key].config_hash != cell.config_hash:
                 raise ConfigError(f"{path}: cell {key} was computed under another configuration elsewhere")
-            found.setdefault(key, data)
+            found.setdefault(key, cell)
     return list(found.values())
 
 
-def merge(folders: Sequence[str | Path], out: str | Path) -> list[dict[str, Any]]:
+def merge(folders: Sequence[str | Path], out: str | Path) -> list[CellResult]:
     """Copy the cells (and adapters) of several benchmark folders into ``out``.
 
     Returns:
@@ -336,10 +315,9 @@ class BenchmarkResult:
         cells: Every cell result now in the output folder (other shards' included).
         outputs: The per-case CSV, per-seed CSV, Markdown tables and HTML report.
     """
-
     plan: Plan
     ran: tuple[Cell, ...]
-    cells: tuple[dict[str, Any], ...]
+    cells: tuple[CellResult, ...]
     outputs: dict[str, Path]
 
     @property
@@ -380,10 +358,6 @@ def run_benchmark(
         ConfigError: invalid protocol or combination, before anything trains.
         DataError: missing or unreadable data.
     """
-    from .planning import plan as make_plan
-    from .planning import shard
-    from .protocol import Protocol, load_protocol
-
     spec = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
     out = Path(out)
     resolved = make_plan(spec, data_root=data_root, out=out, model=model, support=support, query=query)
@@ -393,7 +367,7 @@ def run_benchmark(
     return BenchmarkResult(resolved, tuple(cells), tuple(results), write_results(results, out, spec))
 
 
-def write_results(cells: Sequence[dict[str, Any]], out: str | Path, protocol: Any = None) -> dict[str, Path]:
+def write_results(cells: Sequence[CellResult], out: str | Path, protocol: Any = None) -> dict[str, Path]:
     """Write the CSVs, the Markdown tables and the HTML report (Dice-vs-k curves) for ``cells``.
 
     Returns:
@@ -402,9 +376,6 @@ def write_results(cells: Sequence[dict[str, Any]], out: str | Path, protocol: An
     Raises:
         DataError: when there is no cell result.
     """
-    from ..report import build_report
-    from .tables import write_outputs
-
     if not cells:
         raise DataError(f"{out}: no benchmark cell results to tabulate")
     metrics = protocol.metrics if protocol is not None else ("dice", "hd95", "nsd")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..io_utils import write_text_atomic
+from .cells import SCORES, CellCost, CellResult
 from .planning import ALL
 
 PER_CASE_CSV = "results_per_case.csv"
@@ -32,23 +33,23 @@ PER_SEED_COLUMNS = ("task", "group", "method", "k", "seed", "structure", "dice",
 _METRIC_NAMES = {"dice": ("dice", "Dice"), "nsd": ("nsd", "NSD"), "hd95": ("hd95_mm", "HD95 (mm)")}
 
 
-def per_case_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def per_case_rows(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
     """One row per (cell, query case, structure), in grid order."""
     rows = []
     for data in _ordered(cells):
-        c, cost = data["cell"], data["cost"]
-        for m in data["metrics"]:
+        c, cost = data.cell, data.cost
+        for m in data.metrics:
             rows.append({
-                "task": c["task"], "group": c["group"], "method": c["label"], "method_name": c["method"],
-                "decoder": c["decoder"], "transductive": c["transductive"], "k": c["k"],
-                "all_train": c["all_train"], "seed": c["seed"], **m,
-                "trainable_params": cost["trainable_params"], "adapter_bytes": cost["adapter_bytes"],
-                "peak_memory_bytes": cost["peak_memory_bytes"], "adapt_wall_s": cost["adapt_wall_s"],
+                "task": c.task, "group": c.group, "method": c.label, "method_name": data.method,
+                "decoder": data.decoder, "transductive": data.transductive, "k": c.k,
+                "all_train": c.all_train, "seed": c.seed, **m.to_dict(),
+                "trainable_params": cost.trainable_params, "adapter_bytes": cost.adapter_bytes,
+                "peak_memory_bytes": cost.peak_memory_bytes, "adapt_wall_s": cost.adapt_wall_s,
             })  # fmt: skip
     return rows
 
 
-def per_seed_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def per_seed_rows(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
     """One row per cell: metrics averaged over its query cases and structures.
 
     The ``structure`` column holds the task name, so :func:`fseft.report.build_report` draws one
@@ -56,17 +57,17 @@ def per_seed_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     rows = []
     for data in _ordered(cells):
-        c = data["cell"]
-        means = {key: _mean([m[key] for m in data["metrics"]]) for key in ("dice", "hd95_mm", "nsd")}
-        rows.append({"task": c["task"], "group": c["group"], "method": c["label"], "k": c["k"],
-                     "seed": c["seed"], "structure": c["task"], **means})  # fmt: skip
+        c = data.cell
+        means = {key: _mean([getattr(m, key) for m in data.metrics]) for key in SCORES}
+        rows.append({"task": c.task, "group": c.group, "method": c.label, "k": c.k,
+                     "seed": c.seed, "structure": c.task, **means})  # fmt: skip
     return rows
 
 
-def _ordered(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    def key(d: dict[str, Any]) -> tuple[Any, ...]:
-        c = d["cell"]
-        return (c["task_index"], c["method_index"], c["all_train"], c["k"], c["seed"])
+def _ordered(cells: Sequence[CellResult]) -> list[CellResult]:
+    def key(d: CellResult) -> tuple[Any, ...]:
+        c = d.cell
+        return (c.task_index, c.method_index, c.all_train, c.k, c.seed)
 
     return sorted(cells, key=key)
 
@@ -93,7 +94,7 @@ def _csv_value(value: Any) -> Any:
 
 
 def group_table(
-    cells: Sequence[dict[str, Any]], group: str, metric: str = "dice", *, cost: bool = True
+    cells: Sequence[CellResult], group: str, metric: str = "dice", *, cost: bool = True
 ) -> str:
     """The Markdown table of one task group: rows methods, columns k, mean ± std over seeds.
 
@@ -108,24 +109,20 @@ def group_table(
         The table (with a title line).
     """
     key, title = _METRIC_NAMES[metric]
-    mine = [d for d in _ordered(cells) if d["cell"]["group"] == group]
-    tasks = list(dict.fromkeys(d["cell"]["task"] for d in mine))
-    methods = list(
-        dict.fromkeys(d["cell"]["label"] for d in sorted(mine, key=lambda d: d["cell"]["method_index"]))
-    )
-    columns = sorted({d["cell"]["k"] for d in mine if not d["cell"]["all_train"]})
-    has_all = any(d["cell"]["all_train"] for d in mine)
+    mine = [d for d in _ordered(cells) if d.cell.group == group]
+    tasks = list(dict.fromkeys(d.cell.task for d in mine))
+    methods = list(dict.fromkeys(d.cell.label for d in sorted(mine, key=lambda d: d.cell.method_index)))
+    columns = sorted({d.cell.k for d in mine if not d.cell.all_train})
+    has_all = any(d.cell.all_train for d in mine)
     # (method, column, seed) -> task -> value (mean over queries and structures)
     values: dict[tuple[str, str, int], dict[str, float]] = {}
     for d in mine:
-        c = d["cell"]
-        value = _mean([m[key] for m in d["metrics"]])
+        c = d.cell
+        value = _mean([getattr(m, key) for m in d.metrics])
         # a method that trains nothing (zero-shot) has one cell, shown under every k
-        cols = (
-            [str(k) for k in columns] if c.get("k_independent") else [ALL if c["all_train"] else str(c["k"])]
-        )
+        cols = [str(k) for k in columns] if d.k_independent else [c.column]
         for column in cols:
-            values.setdefault((c["label"], column, c["seed"]), {})[c["task"]] = value
+            values.setdefault((c.label, column, c.seed), {})[c.task] = value
     heads = [f"k={k}" for k in columns] + ([ALL] if has_all else [])
     costs = ["trainable params", "adapter size", "peak memory", "adapt time"] if cost else []
     lines = [
@@ -144,7 +141,7 @@ def group_table(
             ]
             row.append(_mean_std(per_seed))
         if cost:
-            row += _cost_cells([d["cost"] for d in mine if d["cell"]["label"] == method])
+            row += _cost_cells([d.cost for d in mine if d.cell.label == method])
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -158,11 +155,11 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{np.mean(finite):.3f} ± {np.std(finite, ddof=1):.3f}"
 
 
-def _cost_cells(costs: Sequence[dict[str, Any]]) -> list[str]:
-    params = int(np.mean([c["trainable_params"] for c in costs]))
-    size = float(np.mean([c["adapter_bytes"] for c in costs]))
-    memory = float(np.mean([c["peak_memory_bytes"] for c in costs]))
-    wall = float(np.mean([c["adapt_wall_s"] for c in costs]))
+def _cost_cells(costs: Sequence[CellCost]) -> list[str]:
+    params = int(np.mean([c.trainable_params for c in costs]))
+    size = float(np.mean([c.adapter_bytes for c in costs]))
+    memory = float(np.mean([c.peak_memory_bytes for c in costs]))
+    wall = float(np.mean([c.adapt_wall_s for c in costs]))
     return [f"{params:,}", _bytes(size), _bytes(memory), f"{wall:.1f} s"]
 
 
@@ -174,9 +171,9 @@ def _bytes(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
-def markdown(cells: Sequence[dict[str, Any]], metrics: Sequence[str] = ("dice",), title: str = "") -> str:
+def markdown(cells: Sequence[CellResult], metrics: Sequence[str] = ("dice",), title: str = "") -> str:
     """All tables: per task group, the Dice table with cost columns, then one table per other metric."""
-    groups = list(dict.fromkeys(d["cell"]["group"] for d in _ordered(cells)))
+    groups = list(dict.fromkeys(d.cell.group for d in _ordered(cells)))
     parts = [f"# {title}"] if title else []
     for group in groups:
         parts.append(group_table(cells, group, "dice"))
@@ -185,7 +182,7 @@ def markdown(cells: Sequence[dict[str, Any]], metrics: Sequence[str] = ("dice",)
 
 
 def write_outputs(
-    cells: Sequence[dict[str, Any]], out: str | Path, metrics: Sequence[str] = ("dice",), title: str = ""
+    cells: Sequence[CellResult], out: str | Path, metrics: Sequence[str] = ("dice",), title: str = ""
 ) -> dict[str, Path]:
     """Write the per-case CSV, the per-seed CSV and the Markdown tables under ``out``.
 

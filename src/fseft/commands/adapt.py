@@ -7,12 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..defaults import DEFAULT_MODEL
 from ..errors import ConfigError, DataError
-from ..io_utils import write_json_atomic
 from ..outputs import plan_outputs
-
-#: Model used when ``--model`` is not given, if it is registered.
-DEFAULT_MODEL = "unet-small.synth"
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,8 @@ class AdaptCommandConfig:
         bottleneck: Bottleneck policy.
         task: ``binary`` or ``multiclass``.
         epochs: Maximum epochs (None: the paper's 200).
-        lr: Learning rate (None: the method's default).
+        lr: Learning rate of the method (None: its paper default); also the rate of per-query
+            refinement at prediction time.
         val_case: Held-out validation case id (early stopping then watches its loss).
         cache_features: True: require cached black-box training, False: naive path, None: automatic.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -116,7 +114,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="one sigmoid channel per structure, or one softmax with background (default binary)",
     )
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 200)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate of the method, also used by 'fseft predict --transductive' (default: the method's)")  # fmt: skip
     parser.add_argument("--val-case", default=None, help="held-out validation case id (early stopping on it)")
     parser.add_argument(
         "--cache-features",
@@ -200,62 +199,33 @@ def _config(args: argparse.Namespace) -> AdaptCommandConfig:
     )
 
 
-def _model_name(cfg: AdaptCommandConfig) -> str:
-    from ..models import MODELS
-
-    if cfg.model is not None:
-        return cfg.model
-    if DEFAULT_MODEL in MODELS:
-        return DEFAULT_MODEL
-    raise ConfigError(
-        f"--model is required: the bundled model {DEFAULT_MODEL!r} is not available; "
-        f"registered models: {', '.join(MODELS.names()) or 'none'}"
-    )
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..adapt.adapter_io import save_adapter
     from ..adapt.api import adapt
     from ..adapt.methods import get_method
     from ..adapt.trainer import AdaptTrainConfig
     from ..config import from_dict
+    from ..models import model_or_default
 
     cfg = _config(args)
-    model = _model_name(cfg)
+    model = model_or_default(cfg.model)
     if not cfg.support.exists():
         raise DataError(f"{cfg.support}: support manifest not found")
     method_cls = get_method(cfg.method)
-    method_cfg = from_dict(method_cls.config_cls, {"decoder": cfg.decoder, "bottleneck": cfg.bottleneck})
+    method_cfg = from_dict(method_cls.config_cls, {"decoder": cfg.decoder, "bottleneck": cfg.bottleneck, "lr": cfg.lr})
     train: dict[str, Any] = {"device": cfg.device}
     if cfg.epochs is not None:
         train["max_epochs"] = cfg.epochs
-    if cfg.lr is not None:
-        train["lr"] = cfg.lr
     if cfg.cache_features is not None:
         train["feature_cache"] = "on" if cfg.cache_features else "off"
     train_cfg = AdaptTrainConfig(**train)
-    options = dict(k=cfg.k, seed=cfg.seed, method=cfg.method, task=cfg.task, method_config=method_cfg,
-                   train_config=train_cfg, validation=cfg.val_case)  # fmt: skip
     with _ProgressBar(train_cfg.max_epochs) as progress:
-        if cfg.transductive is None:
-            adapted, record = adapt(model, cfg.support, cfg.structures, progress=progress, **options)
-            extra: dict[str, Any] = {}
-        else:
-            from ..adapt.transductive_batch import adapt_transductive
-
-            adapted, record, tx = adapt_transductive(
-                model, cfg.support, cfg.structures, cfg.queries, transductive=cfg.transductive, progress=progress, **options
-            )  # fmt: skip
-            extra = tx.to_record()
-    save_adapter(adapted, cfg.out, {**record.to_dict(), **extra})
-    try:
-        write_json_atomic(cfg.record_path, {**record.to_dict(), **extra})
-    except BaseException:
-        cfg.out.unlink(missing_ok=True)
-        raise
-    _summary(record, cfg)
-    if extra:
-        _tx_summary(tx)
+        result = adapt(model, cfg.support, cfg.structures, k=cfg.k, seed=cfg.seed, method=cfg.method, task=cfg.task,
+                       method_config=method_cfg, train_config=train_cfg, validation=cfg.val_case,
+                       transductive=cfg.transductive, queries=cfg.queries, progress=progress)  # fmt: skip
+    result.save(cfg.out, record_path=cfg.record_path)
+    _summary(result.record, cfg)
+    if result.transductive is not None:
+        _tx_summary(result.transductive)
     return 0
 
 

@@ -43,7 +43,7 @@ class BenchmarkCommandConfig:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``benchmark`` subcommand."""
-    from ..benchmark import shipped_protocols
+    from ..protocols import shipped_protocols
 
     p = subparsers.add_parser(
         "benchmark",

@@ -8,8 +8,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
-
 #: ``--quick``: tiny synthetic volumes, k = 1, two epochs (a smoke test of the pipeline).
 QUICK_CASES = 12
 QUICK_EPOCHS = 2
@@ -65,14 +63,13 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..benchmark import run_benchmark
-    from ..models import DEFAULT_MODEL, MODELS
+    from ..models import model_or_default
     from ..outputs import plan_outputs
     from .benchmark import CellProgress, show_outputs
 
     cfg = DemoConfig(out=args.out, quick=args.quick, model=args.model)
     plan_outputs(folders=[cfg.out])  # an interrupted demo resumes from what the folder holds
-    if cfg.model is None and DEFAULT_MODEL not in MODELS:
-        raise ConfigError(f"the bundled model {DEFAULT_MODEL!r} is not installed; pass --model FILE")
+    model_or_default(cfg.model)  # a missing bundled model fails here, before anything runs
     console = Console()
     protocol = demo_protocol(cfg.quick)
     console.print(f"fseft demo: {protocol.description.strip()}")  # type: ignore[attr-defined]

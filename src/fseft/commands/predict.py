@@ -7,8 +7,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-#: Model used when ``--model`` is not given, if it is registered (fseft.models.register_model_spec).
-DEFAULT_MODEL = "unet-small.synth"
+from ..defaults import DEFAULT_MODEL
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -139,11 +138,8 @@ def run(args: argparse.Namespace) -> int:
     refiner = (_refiner(model, args.adapter, args.device, args.constraint) if args.transductive
                else contextlib.nullcontext())  # fmt: skip
     with _PredictProgress(console, len(inputs)) as (on_case, on_window), refiner:
-        if args.transductive:
-            on_case = _refining(on_case, refiner)
-        written = predict_files(
-            model, inputs, output, config=config, on_case=on_case, progress=on_window, provenance=provenance
-        )
+        written = predict_files(model, inputs, output, config=config, on_case=on_case, progress=on_window,
+                                refine=refiner.refine if args.transductive else None, provenance=provenance)  # fmt: skip
     cases = sum(1 for p in written if p.name != "labels.json")
     console.print(f"wrote {cases} file(s) for {len(inputs)} case(s) to {args.out}")
     for r in getattr(refiner, "reports", []):
@@ -163,10 +159,8 @@ def _refiner(model: Any, adapter: Path | None, device: str, constraint: str | No
     """
     from dataclasses import replace
 
-    from ..adapt.adapter_io import read_adapter_header
-    from ..adapt.size_prior import priors_from_header
-    from ..adapt.transductive import PerQueryRefiner, TransductiveConfig
-    from ..config import from_dict
+    from ..adapt.adapter_io import read_adapter_header, transductive_options
+    from ..adapt.transductive import PerQueryRefiner, TransductiveConfig, priors_from_header
     from ..errors import ConfigError
     from ..runtime import resolve_device
 
@@ -175,36 +169,16 @@ def _refiner(model: Any, adapter: Path | None, device: str, constraint: str | No
             "--transductive refines an adapter: pass --adapter FILE (adapted with a size prior)"
         )
     header = read_adapter_header(adapter)
-    stored = (header.get("record") or {}).get("transductive", {}).get("config")
-    cfg = replace(from_dict(TransductiveConfig, stored) if stored else TransductiveConfig(), mode="per-query")
+    cfg = replace(transductive_options(header, adapter) or TransductiveConfig(), mode="per-query")
     if constraint:
         cfg = replace(cfg, constraint=constraint)
     return PerQueryRefiner(model.to(resolve_device(device)), priors_from_header(header, str(adapter)), cfg)
 
 
-def _refining(on_case: Any, refiner: Any) -> Any:
-    """``on_case`` that also refines the adapter on the input about to be predicted."""
-    from ..data.io import read_image
-
-    def hook(index: int, count: int, item: Any) -> None:
-        on_case(index, count, item)
-        refiner.refine_image(item.name, read_image(item.path))
-
-    return hook
-
-
 def _load(name: str | None, adapter: Path | None) -> Any:
-    from ..errors import ConfigError
-    from ..models import MODELS, load_model
+    from ..models import load_model, model_or_default
 
-    if name is None:
-        if DEFAULT_MODEL not in MODELS:
-            raise ConfigError(
-                f"no --model given and the default model {DEFAULT_MODEL!r} is not registered; "
-                "pass --model NAME or FILE (see 'fseft zoo list')"
-            )
-        name = DEFAULT_MODEL
-    model = load_model(name)
+    model = load_model(model_or_default(name))
     if adapter is None:
         return model
     from ..adapt.adapter_io import load_adapter

@@ -146,68 +146,35 @@ def run(args: argparse.Namespace) -> int:
     """Pre-train and write ``OUT/model.pt``; returns the exit code."""
     from rich.console import Console
 
-    from ..config import to_dict
-    from ..data.dataset import CachedCaseDataset
-    from ..models import ModelConfig, build_model, save_model
     from ..outputs import plan_outputs
-    from ..runtime import barrier, distributed_session, seed_everything
-    from ..training.assembly import data_key, resolve_assembly
+    from ..runtime import distributed_session
+    from ..training.api import PretrainJob, prepare_pretraining
     from ..training.checkpointing import CHECKPOINT_NAME, LOG_NAME
-    from ..training.pretrain import pretrain
 
     assembly_cfg, preprocess, train = _configs(args)
-    if args.grad_checkpoint and args.model_arch != "swinunetr":
-        log.warning("--grad-checkpoint applies to SwinUNETR only: ignored for %s", args.model_arch)
+    job = PretrainJob(
+        assembly=assembly_cfg, preprocess=preprocess, train=train, out=args.out, arch=args.model_arch,
+        feature_size=args.feature_size, grad_checkpoint=args.grad_checkpoint, cache_dir=args.cache_dir,
+        resume=args.resume,
+    )  # fmt: skip
     out: Path = args.out
-    cache_dir = args.cache_dir or out / "cache"
-    plan_outputs([out / CHECKPOINT_NAME, out / "model.pt", out / LOG_NAME], folders=[cache_dir],
+    plan_outputs([out / CHECKPOINT_NAME, out / "model.pt", out / LOG_NAME], folders=[job.cache_path],
                  overwrite=args.resume, hint="pass --resume to continue that run, or use another output folder")  # fmt: skip
     with distributed_session(train.device) as ctx:
         console = Console(stderr=True, quiet=not ctx.is_main)
         if not ctx.is_main:  # rank 0 speaks for the job
             logging.getLogger("fseft").setLevel(logging.WARNING)
-        assembly = resolve_assembly(assembly_cfg, train.seed)
-        model_cfg = ModelConfig(
-            arch=args.model_arch, feature_size=args.feature_size, structures=assembly.structures,
-            preprocess=preprocess, use_checkpoint=args.grad_checkpoint,
-        )  # fmt: skip
-        seed_everything(train.seed)
-        model = build_model(model_cfg)
-        structures = model.structures
-        sources = [
-            CachedCaseDataset(cases, structures, preprocess, cache_dir, "train")
-            for _, cases in assembly.groups
-        ]
-        val = CachedCaseDataset(assembly.val_cases, structures, preprocess, cache_dir, "eval")
-        _warm_cache(console, [*sources, val], ctx.rank, ctx.world_size)
-        barrier(ctx)
-        console.print(
-            f"pretrain: {len(structures)} structures, {len(sources)} datasets "
-            f"({sum(len(s) for s in sources)} cases), {len(val)} validation cases, "
-            f"{model.num_parameters() / 1e6:.2f} M parameters, {ctx.world_size} process(es) on {ctx.device}"
-        )
-        run_key = {"model": model_cfg.to_dict(), "data": data_key(assembly)}
+        with _CacheProgress(console) as on_cache:
+            prepared = prepare_pretraining(job, ctx, on_cache=on_cache)
+        console.print(prepared.summary)
         with _TrainProgress(console, train.steps) as callback:
-            result = pretrain(
-                model, sources, structures, train, out, ctx=ctx, weights=assembly.weights,
-                val_samples=val, roi=preprocess.roi, resume=args.resume, run_key=run_key, callback=callback,
-            )  # fmt: skip
-        if ctx.is_main:
-            extra = {
-                "command": _command_line(args),
-                "seed": train.seed,
-                "data": to_dict(assembly_cfg),
-                "datasets": {name: len(cases) for name, cases in assembly.groups},
-                "train": to_dict(train),
-                "steps": result.step,
-                "elapsed_s": round(result.elapsed_s, 1),
-                "val_dice": result.val_dice,
-            }
-            path = save_model(result.model, out / "model.pt", extra)
-            console.print(f"wrote {path}")
-            if result.val_dice:
-                mean = sum(result.val_dice.values()) / len(result.val_dice)
-                console.print(f"validation Dice (mean over {len(result.val_dice)} structures): {mean:.3f}")
+            outcome = prepared.run(extra={"command": _command_line(args)}, callback=callback)
+        if outcome.path is not None:
+            console.print(f"wrote {outcome.path}")
+            val_dice = outcome.result.val_dice
+            if val_dice:
+                mean = sum(val_dice.values()) / len(val_dice)
+                console.print(f"validation Dice (mean over {len(val_dice)} structures): {mean:.3f}")
     return 0
 
 
@@ -227,14 +194,24 @@ def _command_line(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-def _warm_cache(console: Any, datasets: list[Any], rank: int, world_size: int) -> None:
-    """Preprocess this rank's share of every case into the cache (atomic writes; ranks share the work)."""
-    from rich.progress import Progress
+class _CacheProgress:
+    """A transient rich bar while this rank preprocesses its share of the cases; yields the callback."""
 
-    jobs = [(ds, case) for ds in datasets for case in ds.cases][rank::world_size]
-    with Progress(console=console, transient=True) as bar:
-        for ds, case in bar.track(jobs, description="preprocessing"):
-            ds.cache.get(case)
+    def __init__(self, console: Any) -> None:
+        from rich.progress import Progress
+
+        self.bar = Progress(console=console, transient=True)
+        self.task = self.bar.add_task("preprocessing", total=None)
+
+    def __enter__(self) -> Any:
+        self.bar.__enter__()
+        return self.update
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, done: int, total: int) -> None:
+        self.bar.update(self.task, completed=done, total=total)
 
 
 class _TrainProgress:

@@ -7,7 +7,7 @@ Public API: :func:`predict_image` (one in-memory image -> :class:`Prediction`), 
 
 from .formats import OUTPUT_FORMATS, OutputFormat, Provenance
 from .inputs import PredictInput, find_inputs
-from .predictor import PredictConfig, Prediction, describe_model, predict_image
+from .predictor import PredictConfig, Prediction, RefineHook, describe_model, predict_image
 from .writer import FORMATS, LABELS_JSON, PROBABILITY_DTYPES, OutputConfig, predict_files, write_prediction
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "PredictInput",
     "Prediction",
     "Provenance",
+    "RefineHook",
     "describe_model",
     "find_inputs",
     "predict_files",

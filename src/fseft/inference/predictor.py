@@ -16,10 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.data.utils import dense_patch_slices
 from torch import nn
 
 from ..config import PreprocessConfig
 from ..data.image import Image
+from ..data.transforms import LoadCased, Pipeline, preprocess_transforms
 from ..data.validate import validate_ct
 from ..errors import ConfigError
 from ..models import FoundationModel, sliding_window_logits
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 
 #: ``(windows done, windows in total)`` for the image being predicted.
 WindowProgress = Callable[[int, int], None]
+#: Called with the preprocessed ``[1, X, Y, Z]`` query just before it is predicted, e.g. to refine
+#: the model on it (per-query transductive inference): the query is read and preprocessed once.
+RefineHook = Callable[[torch.Tensor], object]
 
 
 @dataclass(frozen=True)
@@ -121,27 +127,25 @@ class Prediction:
 
 
 def describe_model(model: nn.Module) -> tuple[tuple[str, ...], str, PreprocessConfig, FoundationModel]:
-    """Structures, task, preprocessing and foundation model of a model or an adapted model.
+    """Structures, task, preprocessing and foundation model of a model inference can run.
 
-    Args:
-        model: A :class:`~fseft.models.FoundationModel` (binary: one sigmoid per structure) or an
-            :class:`~fseft.adapt.AdaptedModel` (its own structures and task, its base's preprocessing).
+    Inference reads one read-only surface, whatever the model: ``structures`` (channel order),
+    ``task`` (``"binary"`` or ``"multiclass"``) and ``foundation`` (the
+    :class:`~fseft.models.FoundationModel` giving the preprocessing and backbone), as a
+    :class:`~fseft.models.FoundationModel` and an adapted model both expose.
 
     Returns:
         ``(structures, task, preprocess, foundation model)``.
 
     Raises:
-        ConfigError: for any other module.
+        ConfigError: for a module without that surface.
     """
-    from ..adapt.model import AdaptedModel
-
-    if isinstance(model, FoundationModel):
-        return model.structures, "binary", model.config.preprocess, model
-    if isinstance(model, AdaptedModel):
-        return tuple(model.structures), model.task, model.base.config.preprocess, model.base
-    raise ConfigError(
-        f"cannot predict with a {type(model).__name__}: expected a FoundationModel or AdaptedModel"
-    )
+    base = getattr(model, "foundation", None)
+    if not isinstance(base, FoundationModel):
+        raise ConfigError(
+            f"cannot predict with a {type(model).__name__}: expected a FoundationModel or an adapted model"
+        )
+    return tuple(model.structures), str(model.task), base.config.preprocess, base
 
 
 def preprocess_image(
@@ -161,10 +165,6 @@ def preprocess_image(
         DataError: the image fails :func:`fseft.data.validate.validate_ct` (checked before anything
             is allocated).
     """
-    from monai.data import MetaTensor
-
-    from ..data.transforms import LoadCased, Pipeline, preprocess_transforms
-
     validate_ct(image, preprocess=cfg)
 
     steps = [t for t in preprocess_transforms(cfg, structures, "infer") if not isinstance(t, LoadCased)]
@@ -176,8 +176,6 @@ def preprocess_image(
 
 def count_windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
     """Number of sliding windows MONAI uses over a volume of ``shape`` (padded to at least ``roi``)."""
-    from monai.data.utils import dense_patch_slices
-
     size = [max(int(s), int(r)) for s, r in zip(shape, roi, strict=True)]
     interval = [r if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(size, roi, strict=True)]
     return len(dense_patch_slices(size, roi, interval))
@@ -257,6 +255,7 @@ def predict_image(
     *,
     config: PredictConfig | None = None,
     progress: WindowProgress | None = None,
+    refine: RefineHook | None = None,
 ) -> Prediction:
     """Segment one image and return the result on the image's own grid.
 
@@ -266,6 +265,7 @@ def predict_image(
         image: The CT (HU), any orientation and spacing.
         config: Inference options (defaults: :class:`PredictConfig`).
         progress: Called with ``(windows done, windows total)`` during the sliding window.
+        refine: Called with the preprocessed ``[1, X, Y, Z]`` image before the model predicts it.
 
     Returns:
         The :class:`Prediction` (label map with the image's shape and affine).
@@ -278,6 +278,8 @@ def predict_image(
     base.spec.check_shape(pre.roi, what="model preprocess.roi")
     x, model_affine = preprocess_image(image, pre, base.structures)
     log.debug("%s: model grid %s (input %s)", image.name, tuple(x.shape[2:]), image.shape)
+    if refine is not None:
+        refine(x[0])
     probs = model_grid_probabilities(model, x, task=task, roi=pre.roi, config=config, progress=progress)
     del x
     array = probs.numpy()

@@ -8,12 +8,14 @@ read and checked before any prediction runs, so a refused input leaves nothing w
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..data.dicom_series import DicomSeries, read_series
@@ -29,6 +31,8 @@ PROBABILITY_DTYPES: tuple[str, ...] = ("uint8", "float32")
 
 #: ``(index, number of inputs, input)`` before each input is predicted.
 CaseProgress = Callable[[int, int, PredictInput], None]
+#: ``(case name, preprocessed [1, X, Y, Z] image)`` before the case is predicted (see ``RefineHook``).
+CaseRefineHook = Callable[[str, torch.Tensor], object]
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ def predict_files(
     on_case: CaseProgress | None = None,
     progress: WindowProgress | None = None,
     provenance: Provenance | None = None,
+    refine: CaseRefineHook | None = None,
 ) -> list[Path]:
     """Predict files, folders, DICOM series or manifest cases and write the results.
 
@@ -176,6 +181,8 @@ def predict_files(
         on_case: Called before each input with ``(index, count, input)``.
         progress: Window progress within the current input (see :func:`predict_image`).
         provenance: What the DICOM outputs say produced them (default: ``model``'s, unnamed).
+        refine: Called with each case's name and preprocessed image before it is predicted (e.g.
+            :meth:`fseft.adapt.transductive.PerQueryRefiner.refine`).
 
     Returns:
         Every file written.
@@ -198,7 +205,8 @@ def predict_files(
         try:
             if on_case is not None:
                 on_case(index, len(items), item)
-            prediction = predict_image(model, read_image(item.path), config=config, progress=progress)
+            hook = None if refine is None else functools.partial(refine, item.name)
+            prediction = predict_image(model, read_image(item.path), config=config, progress=progress, refine=hook)
         except FseftError as e:
             if index == 0:
                 raise

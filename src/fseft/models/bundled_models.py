@@ -11,12 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import MODELS, register_model_spec
+from .hub import MODELS, register_model_spec
 
 BUNDLED_DIR = Path(__file__).with_name("bundled")
-
-#: the model fseft uses when a command is given no ``--model``
-DEFAULT_MODEL = "unet-small.synth"
 
 
 def recipe(name: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Safe checkpoint loading, fseft's model file format, named model specs and ``load_pretrained``.
+"""Safe checkpoint loading, fseft's model file format and ``load_pretrained`` (names: :mod:`.hub`).
 
 Model file format (one ``torch.save`` file, loadable with ``weights_only=True``; suffix ``.pt``)::
 
@@ -16,7 +16,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..io_utils import save_torch_atomic
-from ..registry import Registry
 from .config import ModelConfig
 from .foundation import FoundationModel, build_model
 from .keymaps import LAYOUTS, extract_state_dict
@@ -289,70 +288,4 @@ def load_model_file(
         raise CheckpointError(f"{p}: weight(s) {', '.join(broken[:3])} hold NaN or infinite values")
     load_pretrained(model, obj["state_dict"], "native", strict=strict, source_name=str(p))
     model.extra = dict(obj.get("extra") or {})
-    return model.to(torch.device(map_location))
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A named model (timm-style): weights, preprocessing and label template travel together.
-
-    Args:
-        name: Registry name, e.g. ``unet-small.synth``.
-        source: An fseft model file, or a zero-argument builder returning a ready model.
-        description: One line for listings.
-    """
-
-    name: str
-    source: Path | Callable[[], FoundationModel]
-    description: str = ""
-
-
-MODELS: Registry[ModelSpec] = Registry("model")
-
-
-def register_model_spec(
-    name: str, source: str | os.PathLike[str] | Callable[[], FoundationModel], description: str = ""
-) -> ModelSpec:
-    """Register a named model for :func:`load_model`.
-
-    Raises:
-        ConfigError: when ``name`` is already registered.
-    """
-    src = source if callable(source) else Path(source)
-    return MODELS.add(name, ModelSpec(name, src, description))
-
-
-def load_model(
-    name_or_path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", strict: bool = True
-) -> FoundationModel:
-    """Load a model from a file, a registered model name, or a downloaded zoo checkpoint name.
-
-    Args:
-        name_or_path: An fseft model file, a :func:`register_model_spec` name, or a zoo name
-            (:mod:`fseft.models.zoo`; the checkpoint must have been downloaded).
-        map_location: Device the returned model lives on.
-        strict: For fseft model files: every key must match.
-
-    Raises:
-        CheckpointError: unsafe/unreadable/mismatched file, or a zoo checkpoint not downloaded yet.
-        ConfigError: an unknown name (listing registered models and zoo names).
-    """
-    from . import zoo
-
-    p = Path(name_or_path)
-    key = str(name_or_path)
-    if p.is_file():
-        model = load_model_file(p, strict=strict)
-    elif key in MODELS:
-        src = MODELS.get(key).source
-        model = load_model_file(src, strict=strict) if isinstance(src, Path) else src()
-    elif key in zoo.ZOO:
-        model = zoo.load_zoo_model(key)
-    elif os.sep in key or p.suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        raise CheckpointError(f"{p}: model file not found")
-    else:
-        raise ConfigError(
-            f"unknown model {key!r}: not a file; registered models: {', '.join(MODELS.names()) or '(none)'}; "
-            f"zoo: {', '.join(zoo.ZOO.names())}"
-        )
     return model.to(torch.device(map_location))

@@ -55,6 +55,17 @@ class FoundationModel(nn.Module):
         """Canonical structure names, one per head channel, in channel order."""
         return self.config.structures
 
+    @property
+    def task(self) -> str:
+        """``"binary"``: one sigmoid channel per structure (the surface inference reads, with
+        :attr:`structures` and :attr:`foundation`)."""
+        return "binary"
+
+    @property
+    def foundation(self) -> FoundationModel:
+        """The foundation model whose preprocessing and backbone this model runs on: itself."""
+        return self
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Final decoder feature map.
 

@@ -6,7 +6,7 @@ Measured side by side in one run, on
   * a subset of OpenKBP from $FSEFT_SHARED_DATA or ../shared/data (skipped with a message when absent),
     resampled near its native spacing (4 x 4 x 2.5 mm; 1.5 mm would inflate 128^3 volumes to ~340^3).
 
-Usage: python bench/preprocess.py [--openkbp-cases 20] [--synth-preset tiny] [--synth-cases 8]
+Usage: python perf/preprocess.py [--openkbp-cases 20] [--synth-preset tiny] [--synth-cases 8]
 """
 
 from __future__ import annotations

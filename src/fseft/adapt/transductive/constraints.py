@@ -49,8 +49,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import ConfigError
-from ..registry import Registry
+from ...errors import ConfigError
+from ...registry import Registry
 
 #: ``penalty(p_hat, p_prior, margin, t) -> per-element penalty`` (not yet weighted by lambda).
 Penalty = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]

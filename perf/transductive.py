@@ -4,7 +4,7 @@ Cost (default): seconds per query volume and peak memory on the current device o
 refinement (query features + refinement steps) against plain prediction (sliding window over the
 preprocessed volume), for a linear probe / spatial adapter on the synthetic assembly's target cases.
 
-    python bench/transductive.py --synth DIR [--model MODEL] [--swin]
+    python perf/transductive.py --synth DIR [--model MODEL] [--swin]
 
 Ablation (``--ablation``): on the synthetic assembly, a novel structure is adapted from k support
 cases of the target site and evaluated (Dice on the model grid) on the other target cases, without
@@ -13,7 +13,7 @@ for each k. Support and query cases never overlap.
 
     fseft synth DIR
     fseft pretrain --manifest DIR/manifest.csv --splits pretrain --model-arch unet-small ... --out RUN
-    python bench/transductive.py --ablation --synth DIR --model RUN/model.pt --structure duodenum --k 1 5
+    python perf/transductive.py --ablation --synth DIR --model RUN/model.pt --structure duodenum --k 1 5
 
 Without ``--model`` the cost benchmark uses a randomly initialised small UNet (cost does not depend
 on the weights); the ablation needs a pre-trained model.
@@ -33,11 +33,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fseft.adapt.api import PeakMemory
+from fseft.adapt import apply_method
+from fseft.adapt.api import PeakMemory, adapt
 from fseft.adapt.support import SupportVolume, load_support_volumes
 from fseft.adapt.trainer import AdaptTrainConfig, heldout_dice, volume_logits
-from fseft.adapt.transductive import PerQueryRefiner, TransductiveConfig
-from fseft.adapt.transductive_batch import adapt_transductive
+from fseft.adapt.transductive import PerQueryRefiner, TransductiveConfig, size_priors
 from fseft.config import PreprocessConfig
 from fseft.data.cases import Case
 from fseft.data.manifests import load_manifest
@@ -91,10 +91,9 @@ def ablation(args: argparse.Namespace) -> list[dict]:
                     tx, mode="per-query" if mode == "none" else "batch", constraint=constraint or "hinge"
                 )
                 start = time.perf_counter()
-                adapted, _, result = adapt_transductive(
-                    base, pool, args.structure, None if mode == "none" else query_cases, transductive=cfg,
-                    k=k, seed=seed, method=args.method, train_config=train,
-                )  # fmt: skip
+                run = adapt(base, pool, args.structure, k=k, seed=seed, method=args.method, train_config=train,
+                            transductive=cfg, queries=None if mode == "none" else query_cases)  # fmt: skip
+                adapted, result = run.model, run.transductive
                 seconds = time.perf_counter() - start
                 dice, _ = per_query_dice(adapted, queries)
                 # measured directly (query features + constraint gradients), not as the difference of
@@ -159,9 +158,6 @@ def cost(args: argparse.Namespace) -> list[dict]:
     rows = []
     cases = target_cases(args.synth, structure)[: args.queries + 1]
     for name, base in models:
-        from fseft.adapt import apply_method
-        from fseft.adapt.size_prior import size_priors
-
         vols = load_support_volumes(cases, [structure], base.config.preprocess)
         priors = size_priors(vols[:1], [structure], base.config.preprocess.spacing)
         for method in ("linear-probe", "spatial-adapter"):

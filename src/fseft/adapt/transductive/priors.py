@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
-from ..errors import CheckpointError, ConfigError, DataError
-from .support import SupportVolume
+from ...errors import CheckpointError, ConfigError, DataError
+from ..support import SupportVolume
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ class SizePrior:
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 26-connected component of a boolean 3-D mask (empty stays empty)."""
-    from scipy import ndimage
-
     mask = np.asarray(mask, dtype=bool)
     labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     if count <= 1:
@@ -193,13 +192,13 @@ def size_priors(
     return tuple(priors)
 
 
-#: Key of the priors in an adapter file's record.
-RECORD_KEY = "size_priors"
+#: Key of the priors in an adapter file's header (a format field since header version 2) and in run records.
+PRIORS_KEY = "size_priors"
 
 
 def priors_to_record(priors: Sequence[SizePrior]) -> dict[str, Any]:
-    """``{"size_priors": [...]}``, to merge into the record stored in the adapter file."""
-    return {RECORD_KEY: [p.to_dict() for p in priors]}
+    """``{"size_priors": [...]}``: the priors as JSON, for a run record or an adapter header."""
+    return {PRIORS_KEY: [p.to_dict() for p in priors]}
 
 
 def priors_from_header(header: Mapping[str, Any], path: str) -> tuple[SizePrior, ...]:
@@ -216,7 +215,7 @@ def priors_from_header(header: Mapping[str, Any], path: str) -> tuple[SizePrior,
         CheckpointError: when the file holds no priors (not adapted with ``--transductive`` or a
             size prior) or they do not match its structures.
     """
-    stored = (header.get("record") or {}).get(RECORD_KEY)
+    stored = header.get(PRIORS_KEY)
     if not stored:
         raise CheckpointError(
             f"{path}: the adapter holds no size prior; store one with 'fseft adapt --transductive QUERIES' "
@@ -235,7 +234,7 @@ def priors_from_header(header: Mapping[str, Any], path: str) -> tuple[SizePrior,
 
 __all__ = [
     "MIN_FOR_OUTLIERS",
-    "RECORD_KEY",
+    "PRIORS_KEY",
     "SizePrior",
     "body_mask",
     "largest_component",

@@ -4,9 +4,9 @@ Runs the real training step (FoundationModel forward, partial-label Dice + BCE, 
 random volumes with all 29 universal structures annotated, and prints a table. Also measures, on
 CPU, the throughput of 2-process DDP (gloo) relative to one process.
 
-    python bench/train_step.py                 # CPU: unet-small-16 vs resunet-8 at 64^3 (ratio), SwinUNETR-12, DDP
-    python bench/train_step.py --full          # + SwinUNETR-48 96^3 on CPU
-    python bench/train_step.py --device cuda   # every backbone and size, fp32 and bf16
+    python perf/train_step.py                 # CPU: unet-small-16 vs resunet-8 at 64^3 (ratio), SwinUNETR-12, DDP
+    python perf/train_step.py --full          # + SwinUNETR-48 96^3 on CPU
+    python perf/train_step.py --device cuda   # every backbone and size, fp32 and bf16
 
 Every case trains batches of 2 crops (one step of ``fseft pretrain --batch-size 2 --num-samples 1``;
 with batch 1, PyTorch's CPU heuristic sends small 3D convolutions to its slow native kernel

@@ -6,9 +6,9 @@ prints side by side the time per epoch, the time to convergence (feature caching
 ratio, and the final Dice of each on the held-out target-site cases, so the speed-up is read at
 equal Dice.
 
-    python bench/adapt_speed.py                                   # CPU: unet-small 32^3 and SwinUNETR-12 64^3
-    python bench/adapt_speed.py --arch swinunetr --feature-size 48 --roi 96 --spacing 3 --preset default --device cuda
-    python bench/adapt_speed.py --model unet-small.synth          # a pre-trained model instead of random weights
+    python perf/adapt_speed.py                                   # CPU: unet-small 32^3 and SwinUNETR-12 64^3
+    python perf/adapt_speed.py --arch swinunetr --feature-size 48 --roi 96 --spacing 3 --preset default --device cuda
+    python perf/adapt_speed.py --model unet-small.synth          # a pre-trained model instead of random weights
 
 Without ``--model`` the backbones are randomly initialised: Dice values then only show that both
 paths agree, not how good adaptation is.
@@ -69,9 +69,8 @@ def run(model: FoundationModel, assembly, args: argparse.Namespace, device: torc
                 device=str(device),
             )
             start = time.perf_counter()
-            adapted, record = adapt(
-                model, target, structures, k=args.k, seed=args.seed, method=method, train_config=cfg
-            )
+            result = adapt(model, target, structures, k=args.k, seed=args.seed, method=method, train_config=cfg)
+            adapted, record = result.model, result.record
             total = time.perf_counter() - start
             # the support is the first k of the seeded permutation; score on the target cases not used
             query = [c for c in target if c.case_id not in record.support_case_ids] or query_cases

@@ -118,6 +118,28 @@ def test_tta_averages_flips_and_keeps_an_equivariant_prediction() -> None:
     np.testing.assert_allclose(tta.array, 0.5, atol=1e-4)  # sigmoid(r) + sigmoid(-r) = 1
 
 
+class Sided(FoundationModel):
+    """Channel 0 on the +x half of the model grid, channel 1 on the -x half: a left/right-aware model."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = torch.linspace(-4.0, 4.0, x.shape[2]).view(1, 1, -1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
+        return torch.cat([side, -side, side.abs() - 10.0][: len(self.structures)], dim=1)
+
+
+@pytest.mark.parametrize("structures", [("parotid_right", "parotid_left", "mandible"), ("parotid_right", "brainstem")])
+def test_tta_left_right_flips_keep_paired_structures_on_their_side(structures: tuple[str, ...]) -> None:
+    model = Sided(ModelConfig(arch="unet-small", feature_size=4, structures=structures,
+                              preprocess=PreprocessConfig(spacing=(2.0, 2.0, 2.0), roi=(32, 32, 32), crop_foreground=False)))  # fmt: skip
+    flat = Image(np.zeros((32, 32, 32), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    plain = predict_image(model, flat, config=PredictConfig(device="cpu", probabilities=True)).probabilities
+    tta = predict_image(model, flat, config=PredictConfig(device="cpu", probabilities=True, tta=True)).probabilities
+    # a flipped pass maps the left channel back onto the right structure (both pairs present), or is
+    # skipped (a structure without its pair): either way the sides survive, instead of averaging to 0.5
+    for name in structures:
+        np.testing.assert_allclose(tta[name].array, plain[name].array, atol=1e-5)
+    assert plain["parotid_right"].array[-1].mean() > 0.9 and plain["parotid_right"].array[0].mean() < 0.1
+
+
 def test_largest_cc_removes_a_spurious_blob() -> None:
     image, obj = phantom(blob=True)
     plain = predict_image(make_oracle(), image, config=PredictConfig(device="cpu")).label.array

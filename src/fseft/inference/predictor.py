@@ -20,6 +20,7 @@ from monai.data import MetaTensor
 from monai.data.utils import dense_patch_slices
 from torch import nn
 
+from ..anatomy import get_structure
 from ..config import PreprocessConfig
 from ..data.image import Image
 from ..data.transforms import LoadCased, Pipeline, preprocess_transforms
@@ -47,7 +48,9 @@ class PredictConfig:
         sw_batch_size: Windows per forward pass.
         blend: Blending of overlapping windows: ``"gaussian"`` or ``"constant"``.
         tta: Test-time augmentation: average the probabilities over the 8 combinations of flips
-            of the 3 axes (nnU-Net's mirroring; 8 times the compute).
+            of the 3 axes (nnU-Net's mirroring; 8 times the compute). A pass flipped left-right
+            swaps the channels of paired structures (``parotid_left`` <-> ``parotid_right``) back;
+            a model with a sided structure whose pair it lacks skips the left-right flips.
         largest_cc: Keep only the largest connected component (26-connectivity) of each structure.
         threshold: Decision level of binary (sigmoid) tasks.
         device: Where the windows run: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
@@ -199,6 +202,39 @@ class _Counted(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class Mirror:
+    """How a left-right flipped pass maps back onto the model's channels.
+
+    Args:
+        dim: Tensor dimension (of ``[N, C, X, Y, Z]``) of the left-right axis.
+        channels: For each output channel, the channel of the flipped pass that holds it (paired
+            structures swapped); ``None`` when a sided structure's pair is not among the channels,
+            so a left-right flipped pass cannot be mapped back.
+    """
+
+    dim: int
+    channels: tuple[int, ...] | None
+
+
+def mirror_for(structures: tuple[str, ...], orientation: str) -> Mirror | None:
+    """The :class:`Mirror` of a model grid in ``orientation`` (``None``: no sided structure)."""
+    sides = {}
+    for name in structures:
+        try:
+            structure = get_structure(name)
+        except ConfigError:  # a name outside the catalogue has no side
+            continue
+        if structure.side is not None:
+            sides[name] = structure.pair
+    if not sides:
+        return None
+    dim = 2 + next(i for i, code in enumerate(orientation.upper()) if code in "LR")
+    if any(pair not in structures for pair in sides.values()):
+        return Mirror(dim, None)
+    return Mirror(dim, tuple(structures.index(sides.get(name, name)) for name in structures))
+
+
 def model_grid_probabilities(
     model: nn.Module,
     x: torch.Tensor,
@@ -207,6 +243,7 @@ def model_grid_probabilities(
     roi: tuple[int, int, int],
     config: PredictConfig,
     progress: WindowProgress | None = None,
+    mirror: Mirror | None = None,
 ) -> torch.Tensor:
     """Probabilities ``[C, X, Y, Z]`` (CPU float32) on the model grid, averaged over flips with TTA.
 
@@ -217,6 +254,8 @@ def model_grid_probabilities(
         roi: Window size.
         config: Inference options.
         progress: Called after every batch of windows with ``(done, total)``.
+        mirror: The left-right axis and how a pass flipped along it maps channels back
+            (:func:`mirror_for`); ``None``: no sided structures, every flip is used as is.
 
     Returns:
         The probabilities (``C`` = structures, plus background first for multiclass).
@@ -224,9 +263,9 @@ def model_grid_probabilities(
     device = resolve_device(config.device)
     amp = resolve_amp(config.amp, device)
     out_device = resolve_device(config.output_device)
-    flips = (
-        [()] + [c for n in (1, 2, 3) for c in itertools.combinations((2, 3, 4), n)] if config.tta else [()]
-    )
+    flips = [()] + [c for n in (1, 2, 3) for c in itertools.combinations((2, 3, 4), n)] if config.tta else [()]
+    if mirror is not None and mirror.channels is None:
+        flips = [dims for dims in flips if mirror.dim not in dims]
     counted = _Counted(model, progress, count_windows(tuple(x.shape[2:]), roi, config.overlap) * len(flips))
     model.eval().to(device)
     x = x.to(device)
@@ -244,6 +283,9 @@ def model_grid_probabilities(
             ).float()
             probs = logits.softmax(1) if task == "multiclass" else logits.sigmoid_()
             probs = probs.flip(dims) if dims else probs
+            if mirror is not None and mirror.dim in dims:
+                offset = 1 if task == "multiclass" else 0
+                probs = probs[:, list(range(offset)) + [offset + c for c in mirror.channels]]
             total = probs if total is None else total.add_(probs)
     assert total is not None
     return total[0].div_(len(flips)).cpu()
@@ -280,7 +322,8 @@ def predict_image(
     log.debug("%s: model grid %s (input %s)", image.name, tuple(x.shape[2:]), image.shape)
     if refine is not None:
         refine(x[0])
-    probs = model_grid_probabilities(model, x, task=task, roi=pre.roi, config=config, progress=progress)
+    probs = model_grid_probabilities(model, x, task=task, roi=pre.roi, config=config, progress=progress,
+                                     mirror=mirror_for(structures, pre.orientation))  # fmt: skip
     del x
     array = probs.numpy()
     mapping = postprocess.grid_mapping(model_affine, image.affine)

@@ -72,12 +72,14 @@ def main() -> None:
     parser.add_argument("--split", default="validation-pats")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap of fseft predict")
+    parser.add_argument("--largest-cc", action="store_true", help="fseft predict --largest-cc (one component per structure)")
     args = parser.parse_args()
     cases = _split_images(args.manifest, args.split, args.out / "images")
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     t0 = time.perf_counter()
+    post = ["--largest-cc"] if args.largest_cc else []
     subprocess.run(["fseft", "predict", str(args.out / "images"), "--model", args.model, "--overlap",
-                    str(args.overlap), "--out", str(args.out / "pred"), "--overwrite"], check=True, env=env)  # fmt: skip
+                    str(args.overlap), *post, "--out", str(args.out / "pred"), "--overwrite"], check=True, env=env)  # fmt: skip
     seconds = time.perf_counter() - t0
     subprocess.run(["fseft", "evaluate", str(args.out / "pred"), str(args.manifest), "--out",
                     str(args.out / "eval"), "--overwrite"], check=True, env=env)  # fmt: skip
@@ -92,8 +94,10 @@ def main() -> None:
         "mean_dice": round(sum(s["dice"] for s in base) / len(base), 4),
         "predict_seconds_per_volume": round(seconds / len(cases), 2),
         "overlap": args.overlap,
+        "largest_cc": args.largest_cc,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "command": f"python scripts/evaluate_model.py {args.model} --manifest {args.manifest} --split {args.split}",
+        "command": f"python scripts/evaluate_model.py {args.model} --manifest {args.manifest} --split {args.split}"
+        + (" --largest-cc" if args.largest_cc else ""),
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     width = max(len(s) for s in per_structure)

@@ -17,12 +17,13 @@ import csv
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from fseft.runtime import machine_summary
 
 
 def _split_images(manifest: Path, split: str, folder: Path) -> list[str]:
@@ -95,7 +96,7 @@ def main() -> None:
         "predict_seconds_per_volume": round(seconds / len(cases), 2),
         "overlap": args.overlap,
         "largest_cc": args.largest_cc,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine_summary(),
         "command": f"python scripts/evaluate_model.py {args.model} --manifest {args.manifest} --split {args.split}"
         + (" --largest-cc" if args.largest_cc else ""),
     }

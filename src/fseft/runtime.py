@@ -9,9 +9,11 @@ import contextlib
 import datetime
 import logging
 import os
+import platform
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +54,19 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     elif device.type != "cpu":
         raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def machine_summary() -> str:
+    """This machine in one line (processor, cores, memory, GPU), for results that say where they ran."""
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.is_file() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, {gpu}"
 
 
 def seed_everything(seed: int) -> None:

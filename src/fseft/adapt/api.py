@@ -207,8 +207,9 @@ class AdaptResult:
         return out
 
 
-def _resolve_model(model: FoundationModel | str | os.PathLike[str]) -> FoundationModel:
-    return model if isinstance(model, FoundationModel) else load_model(model)
+def _resolve_model(model: FoundationModel | str | os.PathLike[str], structures: tuple[str, ...]) -> FoundationModel:
+    """The model; a zoo checkpoint without a head gets ``structures`` as its (untrained) head."""
+    return model if isinstance(model, FoundationModel) else load_model(model, structures=structures)
 
 
 def _resolve_cases(cases: str | os.PathLike[str] | Sequence[Case]) -> list[Case]:
@@ -282,7 +283,7 @@ def adapt(
     device = resolve_device(cfg.device)
     start = time.perf_counter()
     with PeakMemory(device) as memory:
-        base = _resolve_model(model)
+        base = _resolve_model(model, names)
         fingerprint = base.fingerprint()
         preprocess = base.config.preprocess
         cases = _resolve_cases(support)

@@ -72,6 +72,7 @@ class AdaptRecord:
         epochs_run: Epochs trained.
         stop_reason: Why training stopped (see :class:`~fseft.adapt.trainer.FitResult`).
         device: Where it ran.
+        support_draw: How the support was drawn (:data:`~fseft.adapt.support.SUPPORT_DRAWS`).
     """
 
     method: str
@@ -97,6 +98,7 @@ class AdaptRecord:
     epochs_run: int = 0
     stop_reason: str = ""
     device: str = "cpu"
+    support_draw: str = "permutation"
 
     @property
     def final_loss(self) -> float | None:
@@ -233,6 +235,7 @@ def adapt(
     transductive: TransductiveConfig | None = None,
     queries: str | os.PathLike[str] | Sequence[Case] | None = None,
     progress: Progress | None = None,
+    support_draw: str = "permutation",
 ) -> AdaptResult:
     """Adapt a foundation model to new structures from a k-shot support set.
 
@@ -261,6 +264,8 @@ def adapt(
         transductive: Constrained transductive options (None: plain adaptation); needs a black-box method.
         queries: Unlabelled query cases (manifest path or cases) of batch mode; unused in per-query mode.
         progress: Called after each epoch with an :class:`~fseft.adapt.trainer.EpochReport`.
+        support_draw: ``"permutation"`` (fseft's) or ``"reference"`` (the reference code's
+            ``random.sample``, on the support cases in their given order; :mod:`fseft.adapt.support`).
 
     Returns:
         The :class:`AdaptResult` (model in eval mode, record, transductive result).
@@ -294,6 +299,7 @@ def adapt(
             seed,
             validation=validation or False,
             has_foreground=foreground_checker(names, preprocess),
+            draw=support_draw,
         )
         volumes = load_support_volumes(chosen.support, names, preprocess)
         held = load_support_volumes([chosen.validation], names, preprocess)[0] if chosen.validation else None
@@ -330,6 +336,7 @@ def adapt(
         epochs_run=result.epochs_run,
         stop_reason=result.stop_reason,
         device=str(device),
+        support_draw=support_draw,
     )
     logger.info(
         "adapted %s with %s on %d case(s): %d epochs (%s), %.1f s, path %s",

@@ -42,7 +42,8 @@ class TaskCases:
 
     Args:
         spec: The task.
-        pool: Support pool (cases annotating every target structure), sorted by case id.
+        pool: Support pool (cases annotating every target structure), sorted by case id (in the
+            listed order for the reference support draw).
         queries: Query cases, sorted by case id.
     """
     spec: TaskSpec
@@ -126,6 +127,7 @@ class Plan:
             "predict": dict(self.protocol.predict),
             "metrics": list(self.protocol.metrics),
             "nsd_tolerance_mm": self.protocol.nsd_tolerance_mm,
+            **({"support_draw": self.protocol.support_draw} if self.protocol.support_draw != "permutation" else {}),
         }  # fmt: skip
 
     def config_hash(self, cell: Cell) -> str:
@@ -321,7 +323,7 @@ def _task_cases(
     overlap = sorted({c.case_id for c in pool} & {c.case_id for c in queries})
     if overlap:
         raise ConfigError(f"{where}: cases {overlap[:5]} are both support and query")
-    eligible = eligible_cases(pool, spec.structures)
+    eligible = eligible_cases(pool, spec.structures, sort=protocol.support_draw != "reference")
     usable_queries = eligible_cases(queries, spec.structures)
     if not usable_queries:
         raise DataError(

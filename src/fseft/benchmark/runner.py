@@ -179,7 +179,8 @@ def run_cell(
     protocol, spec, task = plan.protocol, plan.method(cell), plan.task(cell.task)
     result = adapt(model, task.pool, task.spec.structures, k=cell.k, seed=cell.seed, method=spec.method,
                    task=task.spec.task, method_config=spec.method_config(), train_config=protocol.train_config(),
-                   transductive=spec.transductive_config(), queries=task.queries, progress=on_epoch)  # fmt: skip
+                   transductive=spec.transductive_config(), queries=task.queries, progress=on_epoch,
+                   support_draw=protocol.support_draw)  # fmt: skip
     adapter = result.save(out / ADAPTERS_DIR / f"{cell.cell_id}.safetensors")
     refiner = result.refiner()
     rows = evaluate_queries(result.model, task.queries, task.spec.structures, protocol, refiner=refiner)

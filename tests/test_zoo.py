@@ -286,6 +286,8 @@ def test_server_ignoring_range_restarts_cleanly(server: _Server, tmp_path: pathl
 
 def test_checksum_mismatch_deletes_and_raises(server: _Server, tmp_path: pathlib.Path) -> None:
     server.files["/w.pt"] = (DATA, "application/octet-stream")
+    with pytest.raises(CheckpointError, match=rf"w\.pt\.part: size mismatch .*expected 5 bytes, got {len(DATA)}\); file deleted"):
+        download(url(server, "/w.pt"), tmp_path / "w.pt", size=5)
     with pytest.raises(CheckpointError, match=r"w\.pt\.part: sha256 mismatch .*file deleted"):
         download(url(server, "/w.pt"), tmp_path / "w.pt", sha256="0" * 64)
     assert list(tmp_path.iterdir()) == []
@@ -333,5 +335,9 @@ def test_cli_zoo_list_and_unknown_name(capsys, tmp_path: pathlib.Path) -> None:
     assert main(["zoo", "list", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "swinunetr48.fseft" in out and "unet3d.suprem" in out
+    assert "legacy" in out and "unpinned" in out and "checked for completeness only" in " ".join(out.split())
+    assert main(["zoo", "info", "swinunetr48.suprem", "--cache-dir", str(tmp_path)]) == 0
+    info = " ".join(capsys.readouterr().out.split())
+    assert "MONAI v0.9 (legacy)" in info and "unknown (unpinned)" in info
     assert main(["zoo", "info", "nope"]) == 2
     assert "fseft: error: unknown zoo checkpoint 'nope'; choose one of:" in capsys.readouterr().err

@@ -347,6 +347,11 @@ def _model_name(protocol: Protocol, values: dict[str, str]) -> str:
     return DEFAULT_MODEL
 
 
+def task_structures(tasks: Sequence[TaskCases]) -> tuple[str, ...]:
+    """Every task's structures, in order of first appearance: the head a headless zoo model gets."""
+    return tuple(dict.fromkeys(s for t in tasks for s in t.spec.structures))
+
+
 def _dry_run(protocol: Protocol, tasks: Sequence[TaskCases], model_name: str) -> None:
     """Apply every (task, method) pair to the model once; a model still to be built is skipped."""
     if not model_available(model_name):
@@ -356,7 +361,7 @@ def _dry_run(protocol: Protocol, tasks: Sequence[TaskCases], model_name: str) ->
                 f"({', '.join(MODELS.names()) or 'none registered'}) nor a file"
             )
         return
-    base = load_model(model_name)
+    base = load_model(model_name, structures=task_structures(tasks))
     fingerprint = base.fingerprint()
     for task in tasks:
         for i, spec in enumerate(protocol.methods):

@@ -39,7 +39,7 @@ from ..models import load_model, model_available
 from ..report import build_report
 from ..training.api import pretrain_foundation
 from .cells import CellCost, CellResult, MetricRow
-from .planning import Cell, Plan, shard
+from .planning import Cell, Plan, shard, task_structures
 from .planning import plan as make_plan
 from .protocol import Protocol, load_protocol
 from .tables import write_outputs
@@ -137,7 +137,7 @@ def _check_cached(plan: Plan, cell: Cell, path: Path) -> None:
 def _load_model(plan: Plan, out: Path) -> Any:
     if not model_available(plan.model):
         _build_model(plan, out)
-    return load_model(plan.model)
+    return load_model(plan.model, structures=task_structures(plan.tasks))
 
 
 def _build_model(plan: Plan, out: Path) -> None:

@@ -41,7 +41,7 @@ class AdapterCNN(AdaptMethod):
     the base). Parameters: ``in * out`` per convolution, plus the head; lr 1e-2."""
 
     name = "adapter-cnn"
-    description = "parallel zero-init 1x1x1 convs beside UNet encoder convs + head"
+    description = "parallel zero-init 1x1x1 convs beside UNet encoder convs + head (reference: random init, + bottleneck)"
     config_cls = AdapterCNNConfig
     paper_lr = 1e-2
     backbones = ("unet3d", "unet-small", "resunet")

@@ -61,7 +61,7 @@ class Compacter(AdaptMethod):
     model starts as the base. Parameters per block of width ``d``: ``3 * (d + hidden)``; lr 1e-2."""
 
     name = "compacter"
-    description = "PHM (hypercomplex, rank-1, shared) adapter after each Swin MLP + head"
+    description = "PHM (hypercomplex, rank-1, shared) adapter after each Swin MLP + head (Compacter paper's, not the reference code's)"
     config_cls = CompacterConfig
     paper_lr = 1e-2
     backbones = ("swinunetr",)

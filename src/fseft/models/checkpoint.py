@@ -122,9 +122,14 @@ class LoadReport:
         """True when every difference is one the layout expects (no unexpected or mismatched key)."""
         return not (self.unintended_missing or self.unexpected or self.mismatched)
 
+    @property
+    def mismatch_names(self) -> list[str]:
+        """``key (checkpoint shape)!=(model shape)`` for each shape-mismatched key."""
+        return [f"{k} {tuple(a)}!={tuple(b)}" for k, a, b in self.mismatched]
+
     def summary(self, first: int = 3) -> str:
         """One line: counts and the first few names of each problem."""
-        mism = [f"{k} {tuple(a)}!={tuple(b)}" for k, a, b in self.mismatched]
+        mism = self.mismatch_names
         parts = [
             f"layout {self.layout}: loaded {len(self.loaded)}",
             f"missing {len(self.missing)}{_few(self.missing, first)}",
@@ -148,8 +153,8 @@ class LoadReport:
         if self.unexpected:
             lines.append(f"unexpected {len(self.unexpected)} checkpoint keys, ignored{_few(self.unexpected, first)}")
         if self.mismatched:
-            mism = [f"{k} {tuple(a)}!={tuple(b)}" for k, a, b in self.mismatched]
-            lines.append(f"shape-mismatched {len(self.mismatched)} keys, left at initialisation{_few(mism, first)}")
+            mism = _few(self.mismatch_names, first)
+            lines.append(f"shape-mismatched {len(self.mismatched)} keys, left at initialisation{mism}")
         if self.new_head_rows:
             lines.append(
                 f"no trained head row for {len(self.new_head_rows)} structure(s){_few(self.new_head_rows, first)}: "

@@ -235,7 +235,10 @@ def test_decoder_policies(unet: FoundationModel, unet_io: tuple[torch.Tensor, to
     new = apply_method(unet, "linear-probe", TARGETS, config=cls.config_cls(decoder="new"))
     assert any(not torch.equal(p, base_dec[n]) for n, p in decoder(new).items())
     assert all(p.requires_grad for p in decoder(new).values()) and not new.black_box and new.lr == 1e-4
+    zero_shot_rows = torch.stack([unet.head_row(s)[0] for s in TARGETS])
+    assert not torch.equal(new.head.weight[:, :, 0, 0, 0], zero_shot_rows) and not new.head.bias.any()
     tuned = apply_method(unet, "linear-probe", TARGETS, config=cls.config_cls(decoder="fine-tuned"))
+    assert torch.equal(tuned.head.weight[:, :, 0, 0, 0], zero_shot_rows)  # fine-tuned keeps the zero-shot head
     assert all(torch.equal(p, base_dec[n]) and p.requires_grad for n, p in decoder(tuned).items())
     tuned.train()
     assert all(m.training for g in tuned.base.role("decoder").values() for m in g.modules())

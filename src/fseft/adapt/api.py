@@ -72,6 +72,7 @@ class AdaptRecord:
         epochs_run: Epochs trained.
         stop_reason: Why training stopped (see :class:`~fseft.adapt.trainer.FitResult`).
         device: Where it ran.
+        support_draw: How the support was drawn (:data:`~fseft.adapt.support.SUPPORT_DRAWS`).
     """
 
     method: str
@@ -97,6 +98,7 @@ class AdaptRecord:
     epochs_run: int = 0
     stop_reason: str = ""
     device: str = "cpu"
+    support_draw: str = "permutation"
 
     @property
     def final_loss(self) -> float | None:
@@ -207,8 +209,9 @@ class AdaptResult:
         return out
 
 
-def _resolve_model(model: FoundationModel | str | os.PathLike[str]) -> FoundationModel:
-    return model if isinstance(model, FoundationModel) else load_model(model)
+def _resolve_model(model: FoundationModel | str | os.PathLike[str], structures: tuple[str, ...]) -> FoundationModel:
+    """The model; a zoo checkpoint without a head gets ``structures`` as its (untrained) head."""
+    return model if isinstance(model, FoundationModel) else load_model(model, structures=structures)
 
 
 def _resolve_cases(cases: str | os.PathLike[str] | Sequence[Case]) -> list[Case]:
@@ -232,6 +235,7 @@ def adapt(
     transductive: TransductiveConfig | None = None,
     queries: str | os.PathLike[str] | Sequence[Case] | None = None,
     progress: Progress | None = None,
+    support_draw: str = "permutation",
 ) -> AdaptResult:
     """Adapt a foundation model to new structures from a k-shot support set.
 
@@ -260,6 +264,8 @@ def adapt(
         transductive: Constrained transductive options (None: plain adaptation); needs a black-box method.
         queries: Unlabelled query cases (manifest path or cases) of batch mode; unused in per-query mode.
         progress: Called after each epoch with an :class:`~fseft.adapt.trainer.EpochReport`.
+        support_draw: ``"permutation"`` (fseft's) or ``"reference"`` (the reference code's
+            ``random.sample``, on the support cases in their given order; :mod:`fseft.adapt.support`).
 
     Returns:
         The :class:`AdaptResult` (model in eval mode, record, transductive result).
@@ -282,7 +288,7 @@ def adapt(
     device = resolve_device(cfg.device)
     start = time.perf_counter()
     with PeakMemory(device) as memory:
-        base = _resolve_model(model)
+        base = _resolve_model(model, names)
         fingerprint = base.fingerprint()
         preprocess = base.config.preprocess
         cases = _resolve_cases(support)
@@ -293,6 +299,7 @@ def adapt(
             seed,
             validation=validation or False,
             has_foreground=foreground_checker(names, preprocess),
+            draw=support_draw,
         )
         volumes = load_support_volumes(chosen.support, names, preprocess)
         held = load_support_volumes([chosen.validation], names, preprocess)[0] if chosen.validation else None
@@ -329,6 +336,7 @@ def adapt(
         epochs_run=result.epochs_run,
         stop_reason=result.stop_reason,
         device=str(device),
+        support_draw=support_draw,
     )
     logger.info(
         "adapted %s with %s on %d case(s): %d epochs (%s), %.1f s, path %s",

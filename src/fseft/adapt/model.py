@@ -170,8 +170,8 @@ def _target_structures(structures: Sequence[str]) -> tuple[str, ...]:
 def initial_head(base: FoundationModel, structures: tuple[str, ...], task: Task) -> nn.Conv3d:
     """A new ``1x1x1`` head for ``structures``, zero-shot initialised where possible.
 
-    Rows of structures the base knows are copies of its head rows; other rows are Xavier-uniform with
-    zero bias. For ``"multiclass"`` the background row (channel 0) is zero (weight and bias): with
+    Rows of structures the base has a trained head row for are copies of it; other rows (novel
+    structures, untrained rows of a headless checkpoint) are Xavier-uniform with zero bias. For ``"multiclass"`` the background row (channel 0) is zero (weight and bias): with
     every foreground logit ``l`` equal to the zero-shot sigmoid logit, ``softmax([0, l])`` equals
     ``sigmoid(l)``, so the initial multi-class model makes the zero-shot decisions exactly.
     """
@@ -183,7 +183,7 @@ def initial_head(base: FoundationModel, structures: tuple[str, ...], task: Task)
         head.bias.zero_()
         head.weight[:off].zero_()
         for i, name in enumerate(structures):
-            if name in base.structures:
+            if name in base.structures and name not in base.untrained_head_rows:
                 w, b = base.head_row(name)
                 head.weight[off + i, :, 0, 0, 0] = w
                 head.bias[off + i] = b

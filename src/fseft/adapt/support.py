@@ -1,9 +1,20 @@
 """k-shot support sampling and the random training crops drawn from the support volumes.
 
 The support set of a few-shot experiment is a pure function of ``(manifest content, structures, k,
-seed)``: eligible cases (those annotating every target structure) are sorted by case id, then
-permuted with ``numpy.random.default_rng(seed)``; the first ``k`` with a non-empty label are the
-support, the next one (when asked) the held-out validation case. Manifest row order never matters.
+seed, draw)``. Two draws (:data:`SUPPORT_DRAWS`):
+
+- ``"permutation"`` (fseft's): eligible cases (those annotating every target structure) are sorted by
+  case id, then permuted with ``numpy.random.default_rng(seed)``; the first ``k`` with a non-empty
+  label are the support, the next one (when asked) the held-out validation case. Manifest row order
+  never matters.
+- ``"reference"``: the reference code's draw (jusiro/fewshot-finetuning,
+  ``fseft/datasets/dataset.py``): the eligible cases *in the order given* (the published partition
+  file's order), ``random.seed(seed)`` then ``random.sample(pool, min(k + 1, 30))``; all but the last
+  drawn case are the support and the last one the validation case (drawn even when unused, so the
+  support is the reference's). The reference's fold ``f`` (1, 2, 3) is seed ``f - 1``. As in the
+  reference, at most 30 are drawn, so ``k >= 30`` (its all-train run) trains on 29 cases, and
+  ``k`` equal to the pool's size (all-train) on all but one; nothing is skipped: a drawn case with an
+  empty label is an error.
 
 Training crops are drawn here too, from the preprocessed label only, so the naive path (backbone on
 image crops) and the cached path (crops of precomputed features) see exactly the same coordinates
@@ -14,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +40,11 @@ from ..data.dataset import PreprocessedCache
 from ..errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
+
+#: support draws (see the module doc)
+SUPPORT_DRAWS: tuple[str, ...] = ("permutation", "reference")
+#: the reference code draws at most this many cases (support + validation)
+REFERENCE_MAX_DRAW = 30
 
 
 @dataclass(frozen=True)
@@ -79,15 +96,16 @@ def annotated_structures(case: Case) -> set[str]:
     return names
 
 
-def eligible_cases(cases: Sequence[Case], structures: Sequence[str]) -> list[Case]:
-    """Labelled cases annotating every one of ``structures``, sorted by case id.
+def eligible_cases(cases: Sequence[Case], structures: Sequence[str], *, sort: bool = True) -> list[Case]:
+    """Labelled cases annotating every one of ``structures``, sorted by case id (``sort``) or in
+    their given order.
 
     Raises:
         ConfigError: on an unknown structure name (with close matches).
     """
     wanted = {canonical(s) for s in structures}
     pool = [c for c in cases if c.has_label and wanted <= annotated_structures(c)]
-    return sorted(pool, key=lambda c: c.case_id)
+    return sorted(pool, key=lambda c: c.case_id) if sort else pool
 
 
 def sample_support(
@@ -98,6 +116,7 @@ def sample_support(
     *,
     validation: str | bool = False,
     has_foreground: Callable[[Case], bool] | None = None,
+    draw: str = "permutation",
 ) -> SupportSet:
     """Draw a reproducible k-shot support set (and optionally a held-out validation case).
 
@@ -109,7 +128,8 @@ def sample_support(
         validation: ``True``: the eligible case following the support in the permutation; a case id:
             that case (excluded from the support pool); ``False``: none.
         has_foreground: Called on candidates in permutation order; those for which it returns False
-            (empty target label) are skipped.
+            (empty target label) are skipped (``"reference"``: refused).
+        draw: ``"permutation"`` or ``"reference"`` (module doc).
 
     Returns:
         The :class:`SupportSet`.
@@ -122,11 +142,15 @@ def sample_support(
     names = [canonical(s) for s in structures]
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
-    pool = eligible_cases(cases, names)
+    if draw not in SUPPORT_DRAWS:
+        raise ConfigError(f"support draw must be one of {', '.join(SUPPORT_DRAWS)}, got {draw!r}")
+    pool = eligible_cases(cases, names, sort=draw != "reference")
     held: Case | None = None
     if isinstance(validation, str):
         held = _validation_case(cases, pool, validation, names)
         pool = [c for c in pool if c.case_id != validation]
+    if draw == "reference":
+        return _reference_draw(pool, names, k, seed, validation, held, has_foreground, len(cases))
     need = k + (1 if validation is True else 0)
     if need > len(pool):
         extra = " plus 1 validation case" if validation is True else ""
@@ -155,6 +179,32 @@ def sample_support(
     if validation is True:
         held = chosen.pop()
     return SupportSet(tuple(chosen), held, len(pool))
+
+
+def _reference_draw(
+    pool: list[Case],
+    names: list[str],
+    k: int,
+    seed: int,
+    validation: str | bool,
+    held: Case | None,
+    has_foreground: Callable[[Case], bool] | None,
+    n_cases: int,
+) -> SupportSet:
+    """The reference code's ``random.seed(seed); random.sample(pool, min(k + 1, 30))``."""
+    need = min(k + 1, REFERENCE_MAX_DRAW)
+    if k == len(pool):  # the whole pool (all-train): all but the last drawn case train, as in the reference
+        need = min(need, len(pool))
+    if need > len(pool) or need < 2:
+        raise ConfigError(
+            f"k={k} plus the reference draw's validation case is larger than the {len(pool)} cases that "
+            f"annotate {', '.join(names)} (out of {n_cases} in the manifest)"
+        )
+    drawn = random.Random(seed).sample(pool, need)
+    empty = [c.case_id for c in drawn[:-1] if has_foreground is not None and not has_foreground(c)]
+    if empty:
+        raise DataError(f"the reference draw (seed {seed}) picked support case(s) without {', '.join(names)}: {empty}")
+    return SupportSet(tuple(drawn[:-1]), drawn[-1] if validation is True else held, len(pool))
 
 
 def _validation_case(cases: Sequence[Case], pool: Sequence[Case], case_id: str, names: list[str]) -> Case:

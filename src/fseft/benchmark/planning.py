@@ -42,7 +42,8 @@ class TaskCases:
 
     Args:
         spec: The task.
-        pool: Support pool (cases annotating every target structure), sorted by case id.
+        pool: Support pool (cases annotating every target structure), sorted by case id (in the
+            listed order for the reference support draw).
         queries: Query cases, sorted by case id.
     """
     spec: TaskSpec
@@ -126,6 +127,7 @@ class Plan:
             "predict": dict(self.protocol.predict),
             "metrics": list(self.protocol.metrics),
             "nsd_tolerance_mm": self.protocol.nsd_tolerance_mm,
+            **({"support_draw": self.protocol.support_draw} if self.protocol.support_draw != "permutation" else {}),
         }  # fmt: skip
 
     def config_hash(self, cell: Cell) -> str:
@@ -321,7 +323,7 @@ def _task_cases(
     overlap = sorted({c.case_id for c in pool} & {c.case_id for c in queries})
     if overlap:
         raise ConfigError(f"{where}: cases {overlap[:5]} are both support and query")
-    eligible = eligible_cases(pool, spec.structures)
+    eligible = eligible_cases(pool, spec.structures, sort=protocol.support_draw != "reference")
     usable_queries = eligible_cases(queries, spec.structures)
     if not usable_queries:
         raise DataError(
@@ -345,6 +347,11 @@ def _model_name(protocol: Protocol, values: dict[str, str]) -> str:
     return DEFAULT_MODEL
 
 
+def task_structures(tasks: Sequence[TaskCases]) -> tuple[str, ...]:
+    """Every task's structures, in order of first appearance: the head a headless zoo model gets."""
+    return tuple(dict.fromkeys(s for t in tasks for s in t.spec.structures))
+
+
 def _dry_run(protocol: Protocol, tasks: Sequence[TaskCases], model_name: str) -> None:
     """Apply every (task, method) pair to the model once; a model still to be built is skipped."""
     if not model_available(model_name):
@@ -354,7 +361,7 @@ def _dry_run(protocol: Protocol, tasks: Sequence[TaskCases], model_name: str) ->
                 f"({', '.join(MODELS.names()) or 'none registered'}) nor a file"
             )
         return
-    base = load_model(model_name)
+    base = load_model(model_name, structures=task_structures(tasks))
     fingerprint = base.fingerprint()
     for task in tasks:
         for i, spec in enumerate(protocol.methods):

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..adapt.methods import get_method
 from ..adapt.model import check_task
+from ..adapt.support import SUPPORT_DRAWS
 from ..adapt.trainer import AdaptTrainConfig
 from ..adapt.transductive import TransductiveConfig
 from ..anatomy import canonical
@@ -283,6 +284,9 @@ class Protocol:
         train: :class:`~fseft.adapt.trainer.AdaptTrainConfig` overrides (e.g. ``max_epochs``).
         predict: :class:`~fseft.inference.PredictConfig` overrides for the queries.
         nsd_tolerance_mm: NSD tolerance.
+        support_draw: How supports are drawn from a task's pool: ``"permutation"`` (fseft's) or
+            ``"reference"`` (the reference code's per-seed ``random.sample`` on the pool in its
+            listed order; :mod:`fseft.adapt.support`). The paper protocols use ``"reference"``.
         path: The YAML file it was read from.
     """
     name: str
@@ -297,6 +301,7 @@ class Protocol:
     train: dict[str, Any] = field(default_factory=dict)
     predict: dict[str, Any] = field(default_factory=dict)
     nsd_tolerance_mm: float = 2.0
+    support_draw: str = "permutation"
     path: str = ""
 
     @property
@@ -358,7 +363,7 @@ def parse_protocol(data: dict[str, Any], where: str) -> Protocol:
     for key in ("k", "seeds", "metrics"):
         if key in data:
             values[key] = tuple(_list(data, key, where))
-    for key in ("name", "description", "train", "predict", "nsd_tolerance_mm"):
+    for key in ("name", "description", "train", "predict", "nsd_tolerance_mm", "support_draw"):
         if key in data:
             values[key] = data[key]
     try:
@@ -398,6 +403,8 @@ def validate(protocol: Protocol) -> None:
             f"{w}: tasks: duplicate task names {sorted({n for n in names if names.count(n) > 1})}"
         )
     _check_sizes(protocol.k, f"{w}: k")
+    if protocol.support_draw not in SUPPORT_DRAWS:
+        raise ConfigError(f"{w}: support_draw: must be one of {', '.join(SUPPORT_DRAWS)}, got {protocol.support_draw!r}")
     if any(not isinstance(s, int) for s in protocol.seeds) or len(set(protocol.seeds)) != len(protocol.seeds):
         raise ConfigError(f"{w}: seeds: must be distinct integers, got {list(protocol.seeds)}")
     bad = [m for m in protocol.metrics if m not in METRICS]

@@ -39,7 +39,7 @@ from ..models import load_model, model_available
 from ..report import build_report
 from ..training.api import pretrain_foundation
 from .cells import CellCost, CellResult, MetricRow
-from .planning import Cell, Plan, shard
+from .planning import Cell, Plan, shard, task_structures
 from .planning import plan as make_plan
 from .protocol import Protocol, load_protocol
 from .tables import write_outputs
@@ -137,7 +137,7 @@ def _check_cached(plan: Plan, cell: Cell, path: Path) -> None:
 def _load_model(plan: Plan, out: Path) -> Any:
     if not model_available(plan.model):
         _build_model(plan, out)
-    return load_model(plan.model)
+    return load_model(plan.model, structures=task_structures(plan.tasks))
 
 
 def _build_model(plan: Plan, out: Path) -> None:
@@ -179,7 +179,8 @@ def run_cell(
     protocol, spec, task = plan.protocol, plan.method(cell), plan.task(cell.task)
     result = adapt(model, task.pool, task.spec.structures, k=cell.k, seed=cell.seed, method=spec.method,
                    task=task.spec.task, method_config=spec.method_config(), train_config=protocol.train_config(),
-                   transductive=spec.transductive_config(), queries=task.queries, progress=on_epoch)  # fmt: skip
+                   transductive=spec.transductive_config(), queries=task.queries, progress=on_epoch,
+                   support_draw=protocol.support_draw)  # fmt: skip
     adapter = result.save(out / ADAPTERS_DIR / f"{cell.cell_id}.safetensors")
     refiner = result.refiner()
     rows = evaluate_queries(result.model, task.queries, task.spec.structures, protocol, refiner=refiner)

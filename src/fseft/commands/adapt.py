@@ -10,6 +10,7 @@ from typing import Any
 from ..defaults import DEFAULT_MODEL
 from ..errors import ConfigError, DataError
 from ..outputs import plan_outputs
+from ._model import add_allow_partial
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class AdaptCommandConfig:
         transductive: Constrained transductive options (None: plain adaptation); the size priors
             and these options are stored in the adapter for ``fseft predict --transductive``.
         queries: Unlabelled query manifest of the batch-mode constraint.
+        allow_partial_load: Load a checkpoint whose keys do not all fit its layout.
     """
 
     model: str | None
@@ -57,6 +59,7 @@ class AdaptCommandConfig:
     overwrite: bool = False
     transductive: Any = None
     queries: Path | None = None
+    allow_partial_load: bool = False
 
     def __post_init__(self) -> None:
         if not self.structures:
@@ -126,6 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", required=True, type=Path, help="adapter file to write (.safetensors)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing adapter file and record")
+    add_allow_partial(parser)
     tx = parser.add_argument_group(
         "constrained transductive inference",
         "learn the targets' size (proportion of the body) from the support masks, store it in the adapter "
@@ -145,18 +149,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="per-query: only learn and store the prior; 'fseft predict --transductive' refines "
         "the adapter on each input (default: batch with --transductive)",
     )
-    tx.add_argument(
-        "--constraint", choices=("hinge", "log-barrier"), default="hinge", help="penalty (default hinge)"
-    )
-    tx.add_argument(
-        "--lambda", dest="tx_lambda", type=float, default=0.1, help="penalty weight (default 0.1)"
-    )
-    tx.add_argument(
-        "--margin", type=float, default=0.3, help="relative margin around the prior (default 0.3)"
-    )
-    tx.add_argument(
-        "--tx-warmup", type=int, default=50, help="supervised epochs before the constraint (default 50)"
-    )
+    tx.add_argument("--constraint", choices=("hinge", "log-barrier"), default=None, help="penalty (default hinge)")
+    tx.add_argument("--lambda", dest="tx_lambda", type=float, default=None, help="penalty weight (default 0.1)")
+    tx.add_argument("--margin", type=float, default=None, help="relative margin around the prior (default 0.3)")
+    tx.add_argument("--tx-warmup", type=int, default=None, help="supervised epochs before the constraint (default 50)")
     parser.set_defaults(func=run)
 
 
@@ -164,7 +160,16 @@ def _tx_config(args: argparse.Namespace) -> Any:
     from ..adapt.transductive import TransductiveConfig
 
     mode = args.tx_mode or ("batch" if args.transductive is not None else None)
+    options = {"constraint": args.constraint, "lam": args.tx_lambda, "margin": args.margin,
+               "warmup_epochs": args.tx_warmup}  # fmt: skip
+    given = {key: value for key, value in options.items() if value is not None}
     if mode is None:
+        if given:
+            flags = [flag for flag, key in _TX_FLAGS.items() if key in given]
+            raise ConfigError(
+                f"{', '.join(flags)} only apply to transductive adaptation: add --transductive QUERY_MANIFEST "
+                "or --tx-mode per-query, or drop them"
+            )
         return None
     if mode == "batch" and args.transductive is None:
         raise ConfigError("--tx-mode batch needs --transductive QUERY_MANIFEST")
@@ -172,8 +177,11 @@ def _tx_config(args: argparse.Namespace) -> Any:
         raise ConfigError(
             "--tx-mode per-query refines at prediction time ('fseft predict --transductive'); drop --transductive"
         )
-    return TransductiveConfig(mode=mode, constraint=args.constraint, lam=args.tx_lambda, margin=args.margin,
-                              warmup_epochs=args.tx_warmup)  # fmt: skip
+    return TransductiveConfig(mode=mode, **given)
+
+
+#: transductive flag -> its TransductiveConfig field
+_TX_FLAGS = {"--constraint": "constraint", "--lambda": "lam", "--margin": "margin", "--tx-warmup": "warmup_epochs"}
 
 
 def _config(args: argparse.Namespace) -> AdaptCommandConfig:
@@ -196,6 +204,7 @@ def _config(args: argparse.Namespace) -> AdaptCommandConfig:
         overwrite=args.overwrite,
         transductive=_tx_config(args),
         queries=args.transductive,
+        allow_partial_load=args.allow_partial_load,
     )
 
 
@@ -205,11 +214,13 @@ def run(args: argparse.Namespace) -> int:
     from ..adapt.trainer import AdaptTrainConfig
     from ..config import from_dict
     from ..models import model_or_default
+    from ._model import load_cli_model
 
     cfg = _config(args)
-    model = model_or_default(cfg.model)
+    name = model_or_default(cfg.model)
     if not cfg.support.exists():
         raise DataError(f"{cfg.support}: support manifest not found")
+    model = load_cli_model(name, structures=cfg.structures, allow_partial=cfg.allow_partial_load)
     method_cls = get_method(cfg.method)
     method_cfg = from_dict(method_cls.config_cls, {"decoder": cfg.decoder, "bottleneck": cfg.bottleneck, "lr": cfg.lr})
     train: dict[str, Any] = {"device": cfg.device}

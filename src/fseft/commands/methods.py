@@ -97,7 +97,7 @@ def methods_table(query: MethodsQuery) -> tuple[Table, list[str]]:
     if not query.structures:
         raise ConfigError("--structures must name at least one structure")
     if query.model is not None:
-        model = load_model(query.model)
+        model = load_model(query.model, structures=tuple(query.structures))
     else:
         model = build_model(
             ModelConfig(arch=query.arch, feature_size=query.feature_size, structures=query.structures)

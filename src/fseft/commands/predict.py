@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..defaults import DEFAULT_MODEL
+from ._model import add_allow_partial
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="slab thickness when writing back to the input grid (bounds memory)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_allow_partial(parser)
     parser.add_argument(
         "--transductive",
         action="store_true",
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         formats=tuple(dict.fromkeys(args.output_format or ["nifti"])),
     )
     inputs = find_inputs(args.inputs)
-    model = _load(args.model, args.adapter)
+    model = _load(args.model, args.adapter, args.allow_partial_load)
     named = any(get_format(name).needs_series for name in output.formats)  # DICOM outputs name their maker
     provenance = Provenance.of(model, args.model or DEFAULT_MODEL, args.adapter) if named else None
     console = Console(stderr=True)
@@ -175,15 +177,15 @@ def _refiner(model: Any, adapter: Path | None, device: str, constraint: str | No
     return PerQueryRefiner(model.to(resolve_device(device)), priors_from_header(header, str(adapter)), cfg)
 
 
-def _load(name: str | None, adapter: Path | None) -> Any:
-    from ..models import load_model, model_or_default
+def _load(name: str | None, adapter: Path | None, allow_partial: bool) -> Any:
+    """The model (a headless zoo checkpoint gets the adapter's structures as its head), with the adapter."""
+    from ..adapt.adapter_io import load_adapter, read_adapter_header
+    from ..models import model_or_default
+    from ._model import load_cli_model
 
-    model = load_model(model_or_default(name))
-    if adapter is None:
-        return model
-    from ..adapt.adapter_io import load_adapter
-
-    return load_adapter(adapter, model)
+    structures = tuple(read_adapter_header(adapter)["structures"]) if adapter is not None else None
+    model = load_cli_model(model_or_default(name), structures=structures, allow_partial=allow_partial)
+    return model if adapter is None else load_adapter(adapter, model)
 
 
 class _PredictProgress:

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p_info.add_argument("name", metavar="NAME", help="checkpoint or bundled model name (see 'fseft zoo list')")
     p_dl = actions.add_parser(
-        "download", help="download one checkpoint (resumes a partial download, verifies sha256 when known)"
+        "download", help="download one checkpoint (resumes a partial download, verifies size and sha256 when known)"
     )
     p_dl.add_argument("name", metavar="NAME", help="checkpoint name (see 'fseft zoo list')")
     for p in (p_list, p_info, p_dl):
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
                 args.cache_dir,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        verified = "sha256 verified" if entry.sha256 else "no published sha256: integrity not verified"
+        verified = {"sha256": "sha256 verified", "size": "size verified (no sha256 known: content not verified)",
+                    "unpinned": "unpinned: no size or sha256 known, integrity not verified"}[entry.pinned]  # fmt: skip
         console.print(f"{path} ({verified})")
     return 0
 
@@ -130,7 +131,7 @@ def _list(console: Console, cache_dir: Path | None) -> None:
 
     table = Table(title="public checkpoints (fseft zoo)")
     table.add_column("name", no_wrap=True)
-    for col in ("arch", "head", "sha256", "cached"):
+    for col in ("arch", "head", "merging", "pinned", "cached"):
         table.add_column(col, overflow="fold")
     for name in zoo.ZOO.names():
         e = zoo.get_entry(name)
@@ -138,7 +139,8 @@ def _list(console: Console, cache_dir: Path | None) -> None:
             name,
             f"{e.arch} {e.feature_size}",
             f"{len(e.structures)} structures" if e.structures else "none",
-            "yes" if e.sha256 else "unknown",
+            e.swin_merging or "-",
+            e.pinned,
             "yes" if zoo.cached_path(name, cache_dir).is_file() else "no",
         )
     console.print(table)
@@ -151,7 +153,8 @@ def _list(console: Console, cache_dir: Path | None) -> None:
         dice = f"{evaluation['mean_dice']:.3f} ({evaluation['cases']} cases)" if evaluation else "-"
         bundled.add_row(name, str(len(info.get("structures", []))), dice, info.get("description", ""))
     console.print(bundled)
-    console.print("details: fseft zoo info NAME")
+    console.print("details: fseft zoo info NAME; 'unpinned': no size or sha256 is known, downloads are "
+                  "checked for completeness only")
     others = [n for n in MODELS.names() if n not in _bundled_names()]
     if others:
         console.print("other registered models: " + ", ".join(others))
@@ -170,6 +173,9 @@ def _info(console: Console, entry, cache_dir: Path | None) -> None:  # noqa: ANN
         ("url", entry.url),
         ("published at", entry.page),
         ("sha256", entry.sha256 or "unknown: no checksum is published; downloads are not integrity-checked"),
+        ("size", f"{entry.size} bytes" if entry.size else "unknown (unpinned)"),
+        ("patch merging", "MONAI v0.9 (legacy), the one the weights were trained with"
+         if entry.swin_merging == "legacy" else entry.swin_merging or "-"),  # fmt: skip
         (
             "head",
             ", ".join(s or "background" for s in entry.label_template)

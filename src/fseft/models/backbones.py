@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 from .config import ModelConfig
 from .resunet import ResUNet
+from .swin_merging import SWIN_MERGINGS
 from .unet3d import UNet3D
 
 #: role name -> {module name relative to the backbone: module}
@@ -101,6 +102,7 @@ def _swin_build(cfg: ModelConfig) -> nn.Module:
         feature_size=cfg.feature_size,
         drop_rate=cfg.dropout,
         use_checkpoint=cfg.use_checkpoint,
+        downsample=SWIN_MERGINGS[cfg.swin_merging],
     )
     net.out = nn.Identity()  # the universal head replaces MONAI's output block
     return net

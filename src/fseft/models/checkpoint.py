@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -26,7 +27,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..io_utils import save_torch_atomic
 from .config import ModelConfig
-from .foundation import FoundationModel, build_model
+from .foundation import HEAD_PRIOR, FoundationModel, build_model
 from .keymaps import LAYOUTS, extract_state_dict
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ def _torch_reason(error: BaseException) -> str:
     return facts[0] if facts else type(error).__name__
 
 
+#: missing keys that never fail a load: buffers every SwinUNETR recomputes from its window size
+RECOMPUTED_SUFFIXES = ("relative_position_index",)
+
+
 @dataclass
 class LoadReport:
     """What :func:`load_pretrained` did.
@@ -76,17 +81,21 @@ class LoadReport:
     Attributes:
         source: File or description of the weights.
         layout: Layout name used to rename keys.
+        expected_missing: Key prefixes the layout leaves at initialisation by design
+            (:attr:`fseft.models.keymaps.Layout.expected_missing`).
         loaded: Model keys that received a tensor.
         missing: Model keys the checkpoint did not provide (left at initialisation).
         unexpected: Checkpoint keys with no counterpart in the model.
         mismatched: ``(key, checkpoint shape, model shape)`` for same-named tensors of other shapes.
         dropped: Checkpoint keys the layout discards by design (other heads, pretext heads).
         head_rows: Model structure -> checkpoint label whose head row it received.
-        new_head_rows: Model structures whose head row stayed at initialisation.
+        new_head_rows: Model structures whose head row has no trained weights (zero weights, prior
+            bias: deterministic, so the model's fingerprint is too).
     """
 
     source: str
     layout: str
+    expected_missing: tuple[str, ...] = ()
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -100,26 +109,64 @@ class LoadReport:
         """No missing, unexpected or shape-mismatched key."""
         return not (self.missing or self.unexpected or self.mismatched)
 
+    @property
+    def unintended_missing(self) -> list[str]:
+        """Missing keys the layout does not leave missing by design."""
+        return [
+            k for k in self.missing
+            if not k.startswith(self.expected_missing) and not k.endswith(RECOMPUTED_SUFFIXES)
+        ]  # fmt: skip
+
+    @property
+    def intended(self) -> bool:
+        """True when every difference is one the layout expects (no unexpected or mismatched key)."""
+        return not (self.unintended_missing or self.unexpected or self.mismatched)
+
+    @property
+    def mismatch_names(self) -> list[str]:
+        """``key (checkpoint shape)!=(model shape)`` for each shape-mismatched key."""
+        return [f"{k} {tuple(a)}!={tuple(b)}" for k, a, b in self.mismatched]
+
     def summary(self, first: int = 3) -> str:
         """One line: counts and the first few names of each problem."""
-
-        def few(names: Sequence[Any]) -> str:
-            shown = ", ".join(str(n) for n in names[:first])
-            return f" ({shown}{', ...' if len(names) > first else ''})" if names else ""
-
-        mism = [f"{k} {tuple(a)}!={tuple(b)}" for k, a, b in self.mismatched]
+        mism = self.mismatch_names
         parts = [
             f"layout {self.layout}: loaded {len(self.loaded)}",
-            f"missing {len(self.missing)}{few(self.missing)}",
-            f"unexpected {len(self.unexpected)}{few(self.unexpected)}",
-            f"shape-mismatched {len(self.mismatched)}{few(mism)}",
+            f"missing {len(self.missing)}{_few(self.missing, first)}",
+            f"unexpected {len(self.unexpected)}{_few(self.unexpected, first)}",
+            f"shape-mismatched {len(self.mismatched)}{_few(mism, first)}",
             f"dropped {len(self.dropped)}",
         ]
         if self.head_rows or self.new_head_rows:
             parts.append(
-                f"head rows mapped {len(self.head_rows)}, new {len(self.new_head_rows)}{few(self.new_head_rows)}"
+                f"head rows mapped {len(self.head_rows)}, new {len(self.new_head_rows)}{_few(self.new_head_rows, first)}"
             )
         return ", ".join(parts)
+
+    def warnings(self, first: int = 3) -> list[str]:
+        """One line per kind of difference (empty when the weights matched exactly), for the CLI."""
+        lines = []
+        if self.missing:
+            bad = self.unintended_missing
+            why = f", {len(bad)} not expected by the layout{_few(bad, first)}" if bad else ", all expected by the layout"
+            lines.append(f"missing {len(self.missing)} keys, left at initialisation{_few(self.missing, first)}{why}")
+        if self.unexpected:
+            lines.append(f"unexpected {len(self.unexpected)} checkpoint keys, ignored{_few(self.unexpected, first)}")
+        if self.mismatched:
+            mism = _few(self.mismatch_names, first)
+            lines.append(f"shape-mismatched {len(self.mismatched)} keys, left at initialisation{mism}")
+        if self.new_head_rows:
+            lines.append(
+                f"no trained head row for {len(self.new_head_rows)} structure(s){_few(self.new_head_rows, first)}: "
+                "they need training (zero-shot refuses them)"
+            )
+        return [f"{self.source}: {line}" for line in lines]
+
+
+def _few(names: Sequence[Any], first: int) -> str:
+    """`` (a, b, c, ...)``: the first few names, or nothing when there are none."""
+    shown = ", ".join(str(n) for n in names[:first])
+    return f" ({shown}{', ...' if len(names) > first else ''})" if names else ""
 
 
 def load_pretrained(
@@ -127,18 +174,23 @@ def load_pretrained(
     source: Mapping[str, torch.Tensor] | str | os.PathLike[str],
     layout: str = "native",
     *,
-    strict: bool | None = None,
+    allow_partial: bool = False,
     label_template: Sequence[str | None] | None = None,
     source_name: str | None = None,
 ) -> LoadReport:
     """Copy weights in a known layout into ``model`` and report exactly what landed where.
 
+    A load fails unless every difference between the checkpoint and the model is one the layout
+    expects (e.g. a headless checkpoint's missing head): an unexpected key, a shape mismatch or a
+    missing key outside the layout's :attr:`~fseft.models.keymaps.Layout.expected_missing` raises,
+    naming the keys, unless ``allow_partial``. Head rows without trained weights are zero weights with
+    the prior bias, and the model's ``extra["untrained_head_rows"]`` lists them.
+
     Args:
         model: The model to fill (in place).
         source: A state dict, a loaded checkpoint mapping, or a checkpoint path (weights-only load).
         layout: Key layout name from :data:`fseft.models.keymaps.LAYOUTS`.
-        strict: Raise unless every key matches; ``None`` uses the layout's default (``native``: strict,
-            public layouts: not strict).
+        allow_partial: Load what fits even when keys are unexpected, mismatched or missing.
         label_template: Structure name of each row of the checkpoint's head (``None`` for rows that
             are no structure, e.g. background). Rows are copied to the model's structures by name.
         source_name: Name used in messages (defaults to the path or ``"state dict"``).
@@ -147,7 +199,8 @@ def load_pretrained(
         The :class:`LoadReport` (also logged).
 
     Raises:
-        CheckpointError: unsafe/unreadable file, wrong backbone, or (strict) any key problem.
+        CheckpointError: unsafe/unreadable file, wrong backbone, or (unless ``allow_partial``) a
+            difference the layout does not expect.
         ConfigError: unknown layout.
     """
     lay = LAYOUTS.get(layout)
@@ -158,7 +211,7 @@ def load_pretrained(
             f"{name}: layout {layout!r} holds {lay.arch} weights, the model is {model.config.arch}"
         )
     state, dropped = lay.convert(extract_state_dict(raw, name))
-    report = LoadReport(source=name, layout=layout, dropped=dropped)
+    report = LoadReport(source=name, layout=layout, expected_missing=lay.expected_missing, dropped=dropped)
     target = model.state_dict()
     head_src = {k: state.pop(k) for k in _HEAD_KEYS if k in state}
     if label_template is not None and head_src:
@@ -179,14 +232,22 @@ def load_pretrained(
     report.loaded = sorted(to_load)
     if rows is None and not all(k in to_load for k in _HEAD_KEYS):
         report.new_head_rows = list(model.structures)
-    if (lay.strict if strict is None else strict) and not report.ok:
-        raise CheckpointError(f"{name}: does not match the model: {report.summary()}")
+    if not allow_partial and not report.intended:
+        raise CheckpointError(
+            f"{name}: does not match the model: {report.summary()}; "
+            "if this is the layout you meant, load anyway with allow_partial (--allow-partial-load)"
+        )
     model.load_state_dict(to_load, strict=False)
-    if rows is not None:
-        with torch.no_grad():
-            for i, (w, b) in rows.items():
-                model.head.weight[i].copy_(w)
-                model.head.bias[i].copy_(b)
+    with torch.no_grad():
+        for i, (w, b) in (rows or {}).items():
+            model.head.weight[i].copy_(w)
+            model.head.bias[i].copy_(b)
+        for s in report.new_head_rows:
+            i = model.structures.index(s)
+            model.head.weight[i].zero_()
+            model.head.bias[i].fill_(-math.log((1 - HEAD_PRIOR) / HEAD_PRIOR))
+    if report.new_head_rows:
+        model.extra["untrained_head_rows"] = list(report.new_head_rows)
     log.info("loaded %s: %s", name, report.summary())
     return report
 
@@ -256,9 +317,9 @@ def save_model(
 
 
 def load_model_file(
-    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", strict: bool = True
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", allow_partial: bool = False
 ) -> FoundationModel:
-    """Load a model saved by :func:`save_model`.
+    """Load a model saved by :func:`save_model` (every key must match unless ``allow_partial``).
 
     Raises:
         CheckpointError: naming the file when it is unsafe, unreadable, not in fseft's format, or its
@@ -286,6 +347,6 @@ def load_model_file(
     ]  # fmt: skip
     if broken:
         raise CheckpointError(f"{p}: weight(s) {', '.join(broken[:3])} hold NaN or infinite values")
-    load_pretrained(model, obj["state_dict"], "native", strict=strict, source_name=str(p))
-    model.extra = dict(obj.get("extra") or {})
+    load_pretrained(model, obj["state_dict"], "native", allow_partial=allow_partial, source_name=str(p))
+    model.extra = {**model.extra, **dict(obj.get("extra") or {})}
     return model.to(torch.device(map_location))

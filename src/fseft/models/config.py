@@ -8,6 +8,9 @@ from typing import Any
 from ..config import PreprocessConfig, from_dict, to_dict
 from ..errors import ConfigError
 
+#: values of ``ModelConfig.swin_merging`` (the classes live in :mod:`fseft.models.swin_merging`)
+SWIN_MERGING_NAMES: tuple[str, ...] = ("current", "legacy")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -28,6 +31,9 @@ class ModelConfig:
         use_checkpoint: Gradient checkpointing in the Swin transformer blocks (SwinUNETR only).
         dropout: Dropout rate inside the backbone (SwinUNETR: transformer dropout; ``unet-small``:
             decoder dropout; ignored by ``unet3d``, whose public layout has none).
+        swin_merging: SwinUNETR patch merging (:data:`fseft.models.swin_merging.SWIN_MERGINGS`):
+            ``"current"`` (the installed MONAI's ``PatchMerging``: new models) or ``"legacy"`` (MONAI
+            v0.9's, which every public SwinUNETR checkpoint was trained with). Ignored by UNets.
 
     Raises:
         ConfigError: on empty/duplicate/unknown structures or out-of-range values.
@@ -40,6 +46,7 @@ class ModelConfig:
     in_channels: int = 1
     use_checkpoint: bool = False
     dropout: float = 0.0
+    swin_merging: str = "current"
 
     def __post_init__(self) -> None:
         from ..anatomy import canonical
@@ -57,6 +64,10 @@ class ModelConfig:
             raise ConfigError(f"in_channels must be positive, got {self.in_channels}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.swin_merging not in SWIN_MERGING_NAMES:
+            raise ConfigError(
+                f"swin_merging must be one of {', '.join(SWIN_MERGING_NAMES)}, got {self.swin_merging!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (see :func:`fseft.config.to_dict`)."""

@@ -39,6 +39,7 @@ def download(
     dest: str | os.PathLike[str],
     *,
     sha256: str | None = None,
+    size: int | None = None,
     progress: ProgressFn | None = None,
     timeout: float = 60.0,
 ) -> Path:
@@ -49,7 +50,8 @@ def download(
     Args:
         url: HTTP(S) URL of the file.
         dest: Final path.
-        sha256: Expected hex digest, or ``None`` when no checksum is published.
+        sha256: Expected hex digest, or ``None`` when no checksum is known.
+        size: Expected size in bytes, or ``None`` when unknown.
         progress: Called with ``(done, total)`` as bytes arrive.
         timeout: Socket timeout in seconds.
 
@@ -58,13 +60,13 @@ def download(
 
     Raises:
         CheckpointError: on network errors (partial data kept for resuming), a web page served
-            instead of the file, a truncated transfer, or a checksum mismatch (data deleted).
+            instead of the file, a truncated transfer, or a size or checksum mismatch (data deleted).
     """
     final = Path(dest)
     part = final.with_name(final.name + ".part")
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.is_file():
-        _verify(final, sha256, url)
+        _verify(final, sha256, size, url)
         return final
     done = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
@@ -102,12 +104,16 @@ def download(
         raise CheckpointError(
             f"{url}: transfer ended at {done} of {total} bytes; run again to resume ({part})"
         )
-    _verify(part, sha256, url)
+    _verify(part, sha256, size, url)
     os.replace(part, final)
     return final
 
 
-def _verify(path: Path, sha256: str | None, url: str) -> None:
+def _verify(path: Path, sha256: str | None, size: int | None, url: str) -> None:
+    if size is not None and path.stat().st_size != size:
+        got_size = path.stat().st_size
+        path.unlink()
+        raise CheckpointError(f"{path}: size mismatch for {url} (expected {size} bytes, got {got_size}); file deleted")
     if sha256 is None:
         return
     got = sha256_file(path)

@@ -56,6 +56,12 @@ class FoundationModel(nn.Module):
         return self.config.structures
 
     @property
+    def untrained_head_rows(self) -> tuple[str, ...]:
+        """Structures whose head row received no trained weights when the model was loaded (a
+        headless public checkpoint): zero-shot refuses them, adaptation starts them new."""
+        return tuple(self.extra.get("untrained_head_rows", ()))
+
+    @property
     def task(self) -> str:
         """``"binary"``: one sigmoid channel per structure (the surface inference reads, with
         :attr:`structures` and :attr:`foundation`)."""

@@ -73,7 +73,11 @@ def model_or_default(name: str | None) -> str:
 
 
 def load_model(
-    name_or_path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", strict: bool = True
+    name_or_path: str | os.PathLike[str],
+    *,
+    map_location: str | torch.device = "cpu",
+    structures: tuple[str, ...] | None = None,
+    allow_partial: bool = False,
 ) -> FoundationModel:
     """Load a model from a file, a registered model name, or a downloaded zoo checkpoint name.
 
@@ -81,7 +85,10 @@ def load_model(
         name_or_path: An fseft model file, a :func:`register_model_spec` name, or a zoo name
             (:mod:`fseft.models.zoo`; the checkpoint must have been downloaded).
         map_location: Device the returned model lives on.
-        strict: For fseft model files: every key must match.
+        structures: The head of a zoo checkpoint that has none (its rows untrained: adaptation
+            trains them); ignored for every other model, whose head is its own.
+        allow_partial: Load even when keys are missing, unexpected or mismatched beyond what the
+            layout expects (:func:`~fseft.models.checkpoint.load_pretrained`).
 
     Raises:
         CheckpointError: unsafe/unreadable/mismatched file, or a zoo checkpoint not downloaded yet.
@@ -90,12 +97,13 @@ def load_model(
     p = Path(name_or_path)
     key = str(name_or_path)
     if p.is_file():
-        model = load_model_file(p, strict=strict)
+        model = load_model_file(p, allow_partial=allow_partial)
     elif key in MODELS:
         src = MODELS.get(key).source
-        model = load_model_file(src, strict=strict) if isinstance(src, Path) else src()
+        model = load_model_file(src, allow_partial=allow_partial) if isinstance(src, Path) else src()
     elif key in zoo.ZOO:
-        model = zoo.load_zoo_model(key)
+        headless = not zoo.get_entry(key).structures
+        model = zoo.load_zoo_model(key, structures=structures if headless else None, allow_partial=allow_partial)
     elif os.sep in key or p.suffix in (".pt", ".pth", ".ckpt", ".bin"):
         raise CheckpointError(f"{p}: model file not found")
     else:

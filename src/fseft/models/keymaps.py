@@ -35,14 +35,15 @@ class Layout:
         description: Where checkpoints in this layout come from.
         arch: Backbone the weights belong to (``None``: any backbone).
         convert: Pure ``state_dict -> (renamed state_dict, dropped keys)``.
-        strict: Default strictness of :func:`fseft.models.checkpoint.load_pretrained` for it.
+        expected_missing: Prefixes of model keys the layout leaves at initialisation by design
+            (a headless checkpoint: ``head.``); any other missing key fails the load.
     """
 
     name: str
     description: str
     arch: str | None
     convert: Callable[[Mapping[str, torch.Tensor]], Converted]
-    strict: bool
+    expected_missing: tuple[str, ...]
 
 
 LAYOUTS: Registry[Layout] = Registry("checkpoint layout")
@@ -152,41 +153,41 @@ def convert_monai_btcv_swin(sd: Mapping[str, torch.Tensor]) -> Converted:
 
 
 for _layout in (
-    Layout("native", "fseft's own key names (model.state_dict())", None, convert_native, strict=True),
+    Layout("native", "fseft's own key names (model.state_dict())", None, convert_native, ()),
     Layout(
         "fseft-reference",
         "paper reference code jusiro/fewshot-finetuning (SwinUNETR + 29-class 'classifier')",
         "swinunetr",
         convert_fseft_reference,
-        strict=False,
+        expected_missing=(),
     ),
     Layout(
         "universal-model-swin",
         "CLIP-Driven Universal Model / SuPreM SwinUNETR ('net': module.backbone.*)",
         "swinunetr",
         _universal_model(("out.",)),
-        strict=False,
+        expected_missing=("head.",),
     ),
     Layout(
         "universal-model-unet",
         "CLIP-Driven Universal Model / SuPreM UNet3D ('net': module.backbone.*)",
         "unet3d",
         _universal_model(("out_tr.",)),
-        strict=False,
+        expected_missing=("head.",),
     ),
     Layout(
         "monai-ssl-swin",
         "MONAI self-supervised Swin encoder (Tang et al. 2022, model_swinvit.pt)",
         "swinunetr",
         convert_monai_ssl_swin,
-        strict=False,
+        expected_missing=("backbone.encoder", "backbone.decoder", "head."),
     ),
     Layout(
         "monai-btcv-swin",
         "MONAI research-contributions BTCV SwinUNETR (out.conv.conv, 14 classes)",
         "swinunetr",
         convert_monai_btcv_swin,
-        strict=False,
+        expected_missing=(),
     ),
 ):
     LAYOUTS.add(_layout.name, _layout)

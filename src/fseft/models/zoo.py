@@ -5,8 +5,11 @@ Each entry keeps the weights' URL with what they need: backbone config, key layo
 ``~/.cache/fseft``) by :func:`download_entry` (``fseft zoo download NAME``); :func:`load_zoo_model`
 only reads the cache, it never downloads.
 
-No publisher of these files lists a sha256, so every ``sha256`` is ``None``: downloads are
-verified for completeness, not integrity.
+No publisher of these files lists a sha256 or a file size, and fseft has not pinned them itself, so
+every entry is *unpinned* (``sha256`` and ``size`` are ``None``): downloads are checked for
+completeness (the server's length) but not for integrity. An entry with a ``size`` or ``sha256`` is
+verified against it. Every SwinUNETR entry is built with MONAI v0.9's patch merging
+(``swin_merging="legacy"``), the one its weights were trained with.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from ..anatomy import UNIVERSAL_29
 from ..config import PreprocessConfig
@@ -41,7 +46,8 @@ class ZooEntry:
         url: Direct download URL.
         page: Where the link is published.
         filename: Cache file name.
-        sha256: Published checksum, or ``None`` when none is published.
+        sha256: Expected checksum, or ``None`` when none is known (unpinned).
+        size: Expected file size in bytes, or ``None`` when unknown.
         arch: Backbone name.
         feature_size: Backbone width.
         layout: Key layout (:data:`fseft.models.keymaps.LAYOUTS`).
@@ -49,6 +55,8 @@ class ZooEntry:
             background); empty when the checkpoint has no per-structure head.
         preprocess: Preprocessing the weights were trained with.
         citation: Paper to cite.
+        swin_merging: SwinUNETR patch merging the weights were trained with
+            (:attr:`fseft.models.ModelConfig.swin_merging`); ``None`` for UNets.
     """
 
     name: str
@@ -63,6 +71,13 @@ class ZooEntry:
     label_template: tuple[str | None, ...]
     preprocess: PreprocessConfig
     citation: str
+    swin_merging: str | None
+    size: int | None = None
+
+    @property
+    def pinned(self) -> str:
+        """``"sha256"``, ``"size"`` or ``"unpinned"``: what a download is verified against."""
+        return "sha256" if self.sha256 else "size" if self.size else "unpinned"
 
     @property
     def structures(self) -> tuple[str, ...]:
@@ -86,6 +101,7 @@ for _entry in (
         label_template=UNIVERSAL_29,
         preprocess=_PAPER,
         citation="Silva-Rodríguez, Dolz & Ben Ayed, Medical Image Analysis 2025 (arXiv 2303.17051)",
+        swin_merging="legacy",
     ),
     ZooEntry(
         name="swinunetr48.clip-driven",
@@ -100,6 +116,7 @@ for _entry in (
         label_template=(),
         preprocess=_PAPER,
         citation="Liu et al., CLIP-Driven Universal Model for Organ Segmentation and Tumor Detection, ICCV 2023",
+        swin_merging="legacy",
     ),
     ZooEntry(
         name="swinunetr48.suprem",
@@ -114,6 +131,7 @@ for _entry in (
         label_template=(),
         preprocess=_PAPER,
         citation="Li, Yuille & Zhou, How Well Do Supervised 3D Models Transfer to Medical Imaging Tasks?, ICLR 2024",
+        swin_merging="legacy",
     ),
     ZooEntry(
         name="unet3d.suprem",
@@ -128,6 +146,7 @@ for _entry in (
         label_template=(),
         preprocess=_PAPER,
         citation="Li, Yuille & Zhou, How Well Do Supervised 3D Models Transfer to Medical Imaging Tasks?, ICLR 2024",
+        swin_merging=None,
     ),
     ZooEntry(
         name="swinunetr48.monai-ssl",
@@ -142,6 +161,7 @@ for _entry in (
         label_template=(),
         preprocess=PreprocessConfig(spacing=(1.5, 1.5, 2.0), hu_window=(-1000.0, 1000.0), roi=(96, 96, 96)),
         citation="Tang et al., Self-Supervised Pre-Training of Swin Transformers for 3D Medical Image Analysis, CVPR 2022",
+        swin_merging="legacy",
     ),
     ZooEntry(
         name="swinunetr48.monai-btcv",
@@ -156,6 +176,7 @@ for _entry in (
         label_template=(None, *_BTCV_13),
         preprocess=PreprocessConfig(spacing=(1.5, 1.5, 2.0), hu_window=(-175.0, 250.0), roi=(96, 96, 96)),
         citation="Tang et al., CVPR 2022; Hatamizadeh et al., Swin UNETR, BrainLes 2021",
+        swin_merging="legacy",
     ),
 ):
     ZOO.add(_entry.name, _entry)
@@ -188,10 +209,12 @@ def download_entry(
 
     Raises:
         ConfigError: unknown name.
-        CheckpointError: network failure, web page instead of file, or checksum mismatch.
+        CheckpointError: network failure, web page instead of file, or size/checksum mismatch.
     """
     entry = get_entry(name)
-    return download(entry.url, cached_path(name, cache_dir), sha256=entry.sha256, progress=progress)
+    return download(
+        entry.url, cached_path(name, cache_dir), sha256=entry.sha256, size=entry.size, progress=progress
+    )
 
 
 def load_zoo_model(
@@ -199,20 +222,25 @@ def load_zoo_model(
     *,
     structures: tuple[str, ...] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    allow_partial: bool = False,
 ) -> FoundationModel:
     """Build the zoo model ``name`` and load its cached weights (never downloads).
 
     Args:
         name: Zoo entry.
         structures: Head structures; defaults to the checkpoint's own. Rows of structures the
-            checkpoint knows are copied, others start new.
+            checkpoint knows are copied; the others have no trained weights (listed in
+            ``extra["untrained_head_rows"]``; zero-shot refuses them).
         cache_dir: Cache directory (default :func:`default_cache_dir`).
+        allow_partial: Load even when the file does not fit the entry's layout
+            (:func:`~fseft.models.checkpoint.load_pretrained`).
 
     Returns:
-        The model; its ``extra["load_report"]`` holds the :class:`LoadReport` summary.
+        The model; its ``extra["load_report"]`` holds the :class:`LoadReport` summary and
+        ``extra["load_warnings"]`` one line per kind of difference.
 
     Raises:
-        CheckpointError: when the file is not downloaded yet, unsafe, or does not fit the backbone.
+        CheckpointError: when the file is not downloaded yet, unsafe, or does not fit the layout.
         ConfigError: unknown name, or no ``structures`` for a checkpoint without a static head.
     """
     entry = get_entry(name)
@@ -223,13 +251,27 @@ def load_zoo_model(
         )
     chosen = structures or entry.structures
     if not chosen:
-        raise ConfigError(f"zoo checkpoint {name!r} has no per-structure head: pass structures=(...)")
+        raise ConfigError(
+            f"zoo checkpoint {name!r} has no per-structure head: name the structures to segment "
+            "(fseft adapt --structure, or structures=(...))"
+        )
     cfg = ModelConfig(
-        arch=entry.arch, feature_size=entry.feature_size, structures=chosen, preprocess=entry.preprocess
+        arch=entry.arch,
+        feature_size=entry.feature_size,
+        structures=chosen,
+        preprocess=entry.preprocess,
+        swin_merging=entry.swin_merging or "current",
     )
-    model = build_model(cfg)
+    with torch.random.fork_rng(devices=[]):  # what the file lacks starts the same on every load, so the
+        torch.manual_seed(0)  # model's fingerprint (which adapter files check) is reproducible
+        model = build_model(cfg)
     report: LoadReport = load_pretrained(
-        model, path, entry.layout, label_template=entry.label_template or None, source_name=f"{path} ({name})"
+        model,
+        path,
+        entry.layout,
+        allow_partial=allow_partial,
+        label_template=entry.label_template or None,
+        source_name=f"{path} ({name})",
     )
-    model.extra = {"zoo": name, "load_report": report.summary()}
+    model.extra |= {"zoo": name, "load_report": report.summary(), "load_warnings": report.warnings()}
     return model

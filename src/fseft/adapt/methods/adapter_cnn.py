@@ -1,5 +1,12 @@
 """``adapter-cnn``: parallel 1x1x1 convolutions beside the UNet encoder's convolutions (residual
-adapters of Rebuffi et al., CVPR 2018, parallel form)."""
+adapters of Rebuffi et al., CVPR 2018, parallel form).
+
+Differs from the reference code's AdapterCNN (jusiro/fewshot-finetuning,
+``fseft/modeling/peft/AdapterCNN.py``) in two ways: there the ``1x1x1`` convolutions keep PyTorch's
+default (random) initialisation, so the adapted model does not start as the base, and they also sit
+beside the deepest contracting block (``down_tr512``, fseft's bottleneck); here they start at zero
+and cover the encoder role only. Results of this method are therefore not the paper's AdapterCNN rows.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ class AdapterCNN(AdaptMethod):
     the base). Parameters: ``in * out`` per convolution, plus the head; lr 1e-2."""
 
     name = "adapter-cnn"
-    description = "parallel zero-init 1x1x1 convs beside UNet encoder convs + head"
+    description = "parallel zero-init 1x1x1 convs beside UNet encoder convs + head (reference: random init, + bottleneck)"
     config_cls = AdapterCNNConfig
     paper_lr = 1e-2
     backbones = ("unet3d", "unet-small", "resunet")

@@ -6,7 +6,8 @@ Everything else happens once, here, in :meth:`AdaptMethod.setup`:
 
 1. check that the method supports the backbone;
 2. re-initialise the decoder / bottleneck when their policy is ``"new"`` (each module's
-   ``reset_parameters``);
+   ``reset_parameters``), and then the head too: its zero-shot rows fit the pre-trained decoder only
+   (the reference code drops its classifier in that case as well);
 3. call ``inject``;
 4. freeze every parameter, then unfreeze ``trainable(model)`` plus the decoder / bottleneck groups
    whose policy is ``"fine-tuned"`` or ``"new"`` (and the encoder for ``trains_encoder`` methods);
@@ -24,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+import torch
 from torch import nn
 
 from ...errors import ConfigError
@@ -45,7 +47,8 @@ class MethodConfig:
 
     Args:
         decoder: ``"frozen"`` (default), ``"fine-tuned"`` (pre-trained weights train) or ``"new"``
-            (re-initialised with each module's ``reset_parameters``, then trained).
+            (re-initialised with each module's ``reset_parameters``, then trained; the head then starts
+            new as well: Xavier-uniform weights, zero bias).
         bottleneck: Same policy for the bottleneck (SwinUNETR: the convolutional skip encoders
             ``encoder1..4, encoder10``; UNets: the deepest contracting block).
         lr: Learning rate; ``None`` uses the method's paper default (:meth:`AdaptMethod.default_lr`).
@@ -155,6 +158,10 @@ class AdaptMethod:
                     for m in group.modules():
                         if callable(getattr(m, "reset_parameters", None)):
                             m.reset_parameters()
+        if "new" in policies.values():
+            with torch.no_grad():
+                nn.init.xavier_uniform_(model.head.weight)
+                model.head.bias.zero_()
         added = self.inject(model)
         groups = [
             g

@@ -1,5 +1,13 @@
 """``compacter``: low-rank hypercomplex (PHM) adapters after every Swin block's MLP
-(Karimi Mahabadi, Henderson & Ruder, "Compacter", NeurIPS 2021)."""
+(Karimi Mahabadi, Henderson & Ruder, "Compacter", NeurIPS 2021).
+
+This is the Compacter of its paper, not the reference code's variant: the reference
+(jusiro/fewshot-finetuning, ``fseft/modeling/peft/Compacter.py``) applies a full-rank
+``PHMLinear(d, d, n = 4)`` (own rules per layer, Glorot-initialised, so the model does not start as
+the base) in sequence, without a residual, after both the attention and the MLP of every block, and
+also trains every Swin normalisation layer. Results of this method are therefore not the paper's
+Compacter rows.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +61,7 @@ class Compacter(AdaptMethod):
     model starts as the base. Parameters per block of width ``d``: ``3 * (d + hidden)``; lr 1e-2."""
 
     name = "compacter"
-    description = "PHM (hypercomplex, rank-1, shared) adapter after each Swin MLP + head"
+    description = "PHM (hypercomplex, rank-1, shared) adapter after each Swin MLP + head (Compacter paper's, not the reference code's)"
     config_cls = CompacterConfig
     paper_lr = 1e-2
     backbones = ("swinunetr",)

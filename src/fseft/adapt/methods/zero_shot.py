@@ -41,13 +41,20 @@ class ZeroShot(AdaptMethod):
     paper_lr = None
 
     def inject(self, model: AdaptedModel) -> list[nn.Module]:
-        """Check that the base knows every target structure; adds nothing.
+        """Check that the base has a trained head row for every target structure; adds nothing.
 
         Raises:
-            ConfigError: naming the structures the model knows.
+            ConfigError: naming the structures the model knows, or the structures whose head row
+                was never trained (a checkpoint without a head).
         """
         for s in model.structures:
             model.base.structure_index(s)
+        untrained = [s for s in model.structures if s in model.base.untrained_head_rows]
+        if untrained:
+            raise ConfigError(
+                f"zero-shot needs a trained head row, and this model has none for {', '.join(untrained)} "
+                "(its checkpoint has no head for them): adapt with a training method, e.g. linear-probe"
+            )
         return []
 
     def trainable(self, model: AdaptedModel) -> list[nn.Parameter]:

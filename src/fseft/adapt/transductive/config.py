@@ -16,7 +16,12 @@ MODES = ("batch", "per-query")
 
 @dataclass(frozen=True)
 class TransductiveConfig:
-    """Options of constrained transductive inference (defaults: the paper's reference code).
+    """Options of constrained transductive inference (fseft's defaults).
+
+    Not the reference code's: its transductive module (jusiro/fewshot-finetuning, first commit,
+    ``fseft/transductive/TI_modules.py``) penalises a linear, asymmetric relative size error in batch
+    mode; the ``hinge`` here is squared and symmetric (:mod:`.constraints` says why), the
+    ``log-barrier`` and the per-query mode are fseft's own.
 
     Args:
         mode: ``"batch"`` (all queries together, during adaptation) or ``"per-query"`` (a fresh

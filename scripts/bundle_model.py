@@ -18,19 +18,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import monai
-import psutil
 import torch
 
 from fseft import __version__
 from fseft.models import safe_torch_load
+from fseft.runtime import machine
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "src" / "fseft" / "models" / "bundled"
@@ -46,17 +44,6 @@ def learning_curve(log: Path) -> list[dict[str, Any]]:
         if "val_dice" in record:
             curve.append({k: record.get(k) for k in ("step", "elapsed_s", "val_mean", "val_dice")})
     return curve
-
-
-def machine() -> str:
-    """This machine in one line (processor, cores, memory, accelerator)."""
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}"
 
 
 def commit() -> str:

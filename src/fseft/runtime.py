@@ -9,12 +9,15 @@ import contextlib
 import datetime
 import logging
 import os
+import platform
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from .errors import ConfigError
@@ -52,6 +55,18 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     elif device.type != "cpu":
         raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def machine() -> str:
+    """This machine in one line (processor, cores, memory, accelerator)."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text(encoding="utf-8").splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}"
 
 
 def seed_everything(seed: int) -> None:

@@ -158,9 +158,13 @@ def _overrides(values: Mapping[str, Any], defaults: Any, whose: str) -> str:
     if not values:
         return f"{whose} defaults"
     return ", ".join(
-        f"{html.escape(k)} {v!r}" + (f" ({whose}: {getattr(defaults, k)!r})" if hasattr(defaults, k) else "")
+        f"{html.escape(k)} {_value(v)}" + (f" ({whose}: {_value(getattr(defaults, k))})" if hasattr(defaults, k) else "")
         for k, v in values.items()
     )
+
+
+def _value(value: Any) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else html.escape(repr(value))
 
 
 def _reading_section(cells: Sequence[CellResult]) -> str:

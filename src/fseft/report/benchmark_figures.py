@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 REFERENCE_COLOR = "#ffd60a"
 #: Margin around the reference when cropping grid panels: a fraction of its extent, at least this many pixels.
-_CROP_FRACTION, _CROP_MIN_PX = 0.6, 10
+_CROP_FRACTION, _CROP_MIN_PX = 0.6, 16
 
 
 def method_colors(labels: Sequence[str]) -> dict[str, str]:

@@ -171,8 +171,7 @@ def _reading_section(cells: Sequence[CellResult]) -> str:
     predict = min(cells, key=lambda d: d.cell.method_index).config.get("predict", {})
     if predict.get("largest_cc"):
         post = ("Predictions keep only their <b>largest connected component</b> (the targets are single "
-                "organs): without it, scattered false positives far from the organ dominate HD95 while "
-                "barely changing Dice.")  # fmt: skip
+                "organs): without it, scattered false positives far from the organ dominate HD95.")  # fmt: skip
     else:
         post = ("Predictions are <b>not post-processed</b> (as in the paper): HD95 counts every scattered "
                 "false positive, however small, so a large HD95 beside a good Dice means stray voxels far "

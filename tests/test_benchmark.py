@@ -281,7 +281,10 @@ def test_outputs_and_tables(reference):
     assert line.split(" | ")[2] == f"{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f}"
     zero = next(x for x in table.splitlines() if x.startswith("| zero-shot |")).split(" | ")
     assert zero[1] == zero[2]  # one zero-shot result shown under every k
-    assert "Dice against support size" in (reference / "report.html").read_text(encoding="utf-8")
+    page = (reference / "report.html").read_text(encoding="utf-8")
+    assert "Base structures (pancreas)" in page and "trainable parameters" in page
+    assert "alt=\"query case case4: pancreas predictions\"" in page  # drawn from the kept snapshots
+    assert len(list((reference / "snapshots").glob("*.npz"))) == 10
 
 
 @pytest.mark.slow
@@ -336,6 +339,7 @@ def test_shards_merge_to_the_unsharded_result(workspace, reference, tmp_path):
     )
     assert len(_dice(merged)) == 4 and _dice(merged) == _dice(reference)
     assert len(list((merged / "adapters").glob("*.safetensors"))) == 4
+    assert len(list((merged / "snapshots").glob("*.npz"))) == 4
     # a cell computed under another configuration is refused, not mixed in
     cell = next((tmp_path / "shard1" / "cells").glob("*.json"))
     data = json.loads(cell.read_text(encoding="utf-8"))

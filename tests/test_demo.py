@@ -31,6 +31,7 @@ def test_demo_protocol_is_the_readme_job():
     assert lrs["lora (lr 1e-2)"] == 1e-2 and lrs["full-ft (lr 3e-3)"] == 3e-3 and lrs["linear-probe"] is None
     assert [(t.name, t.group) for t in protocol.tasks] == [("liver", "base"), ("duodenum", "novel")]
     assert protocol.data.source == "synth" and protocol.data.synth_preset == "default"
+    assert protocol.predict_config().largest_cc  # single-organ targets: scattered false positives removed
     quick = demo_protocol(quick=True)
     assert quick.k == (1,) and quick.train["max_epochs"] == QUICK_EPOCHS
     assert quick.data.synth_preset == "tiny" and quick.data.synth_cases == QUICK_CASES

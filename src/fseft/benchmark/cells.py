@@ -55,6 +55,8 @@ class CellCost:
         memory_kind: What ``peak_memory_bytes`` measures.
         adapt_wall_s: Adaptation wall time.
         device: Where it ran.
+        cell_wall_s: Wall time of the whole cell (adaptation, prediction and scoring of the queries).
+        machine: The machine in one line (processor, cores, memory, accelerator).
     """
 
     trainable_params: int
@@ -63,6 +65,8 @@ class CellCost:
     memory_kind: str
     adapt_wall_s: float
     device: str
+    cell_wall_s: float | None = None
+    machine: str = ""
 
 
 @dataclass(frozen=True)

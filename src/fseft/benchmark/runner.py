@@ -36,7 +36,9 @@ from ..evaluation import evaluate_masks
 from ..inference import PredictConfig, RefineHook, predict_image
 from ..io_utils import atomic_path, write_json_atomic, write_text_atomic
 from ..models import load_model, model_available
-from ..report import build_report
+from ..report.benchmark_page import build_benchmark_report
+from ..report.snapshots import save_snapshot, take_snapshot
+from ..runtime import machine_summary
 from ..training.api import pretrain_foundation
 from .cells import CellCost, CellResult, MetricRow
 from .planning import Cell, Plan, shard, task_structures
@@ -48,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 CELLS_DIR = "cells"
 ADAPTERS_DIR = "adapters"
+#: One query case's slices per cell (:mod:`fseft.report.snapshots`), drawn by the report.
+SNAPSHOTS_DIR = "snapshots"
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,7 @@ def run_cell(
     Returns:
         The :class:`~fseft.benchmark.cells.CellResult`.
     """
+    start = time.perf_counter()
     protocol, spec, task = plan.protocol, plan.method(cell), plan.task(cell.task)
     result = adapt(model, task.pool, task.spec.structures, k=cell.k, seed=cell.seed, method=spec.method,
                    task=task.spec.task, method_config=spec.method_config(), train_config=protocol.train_config(),
@@ -183,12 +188,13 @@ def run_cell(
                    support_draw=protocol.support_draw)  # fmt: skip
     adapter = result.save(out / ADAPTERS_DIR / f"{cell.cell_id}.safetensors")
     refiner = result.refiner()
-    rows = evaluate_queries(result.model, task.queries, task.spec.structures, protocol, refiner=refiner)
+    rows = evaluate_queries(result.model, task.queries, task.spec.structures, protocol, refiner=refiner,
+                            snapshot=out / SNAPSHOTS_DIR / f"{cell.cell_id}.npz")  # fmt: skip
     if refiner is not None and result.transductive is not None:
         result.transductive.reports = list(refiner.reports)
     record = result.record
     cost = CellCost(record.trainable_params, adapter.stat().st_size, record.peak_memory_bytes, record.memory_kind,
-                    record.wall_time_s, record.device)  # fmt: skip
+                    record.wall_time_s, record.device, time.perf_counter() - start, machine_summary())  # fmt: skip
     return CellResult(
         cell=cell, method=spec.method, decoder=spec.method_config().decoder, transductive=spec.transductive,
         k_independent=get_method(spec.method).paper_lr is None, config_hash=plan.config_hash(cell),
@@ -203,6 +209,7 @@ def evaluate_queries(
     protocol: Protocol,
     *,
     refiner: PerQueryRefiner | None = None,
+    snapshot: Path | None = None,
 ) -> list[MetricRow]:
     """Predict each query case on its own grid and score it against its reference.
 
@@ -214,6 +221,7 @@ def evaluate_queries(
         refiner: A :class:`~fseft.adapt.transductive.PerQueryRefiner` over ``adapted``: each query
             refines the adapter (prediction's refinement hook) before it is predicted; the original
             adapter is restored afterwards.
+        snapshot: Where to save the first query's slices (:mod:`fseft.report.snapshots`).
 
     Returns:
         One :class:`~fseft.benchmark.cells.MetricRow` per (case, structure) (NaN metrics as None).
@@ -221,9 +229,9 @@ def evaluate_queries(
     config = protocol.predict_config()
     rows = []
     with refiner if refiner is not None else contextlib.nullcontext():
-        for case in queries:
+        for i, case in enumerate(queries):
             hook = None if refiner is None else functools.partial(refiner.refine, case.case_id)
-            rows.extend(_score_query(adapted, case, structures, protocol, config, hook))
+            rows.extend(_score_query(adapted, case, structures, protocol, config, hook, snapshot if i == 0 else None))
     return rows
 
 
@@ -234,8 +242,10 @@ def _score_query(
     protocol: Protocol,
     config: PredictConfig,
     refine: RefineHook | None,
+    snapshot: Path | None = None,
 ) -> list[MetricRow]:
-    """Metric rows of one query case (read once; refined on its preprocessed image when ``refine``)."""
+    """Metric rows of one query case (read once; refined on its preprocessed image when ``refine``;
+    its slices saved to ``snapshot`` when given)."""
     image = read_image(case.image)
     prediction = predict_image(adapted, image, config=config, refine=refine)
     masks: dict[str, np.ndarray] = {}
@@ -249,6 +259,8 @@ def _score_query(
         m = evaluate_masks(prediction.label.array == i + 1, masks[name], image.spacing,
                            protocol.nsd_tolerance_mm, case=case.case_id, structure=name)  # fmt: skip
         rows.append(MetricRow(**{f.name: _finite(getattr(m, f.name)) for f in dataclasses.fields(MetricRow)}))
+    if snapshot is not None:
+        save_snapshot(take_snapshot(case.case_id, image, masks, prediction.label.array, structures), snapshot)
     return rows
 
 
@@ -294,7 +306,7 @@ def merge(folders: Sequence[str | Path], out: str | Path) -> list[CellResult]:
             raise ConfigError(f"{folder}: not a benchmark output folder (no {CELLS_DIR}/)")
     cells = read_cells([out, *folders]) if (Path(out) / CELLS_DIR).is_dir() else read_cells(folders)
     for folder in folders:
-        for sub in (CELLS_DIR, ADAPTERS_DIR):
+        for sub in (CELLS_DIR, ADAPTERS_DIR, SNAPSHOTS_DIR):
             source = Path(folder) / sub
             if not source.is_dir() or source.resolve() == (Path(out) / sub).resolve():
                 continue
@@ -369,7 +381,7 @@ def run_benchmark(
 
 
 def write_results(cells: Sequence[CellResult], out: str | Path, protocol: Any = None) -> dict[str, Path]:
-    """Write the CSVs, the Markdown tables and the HTML report (Dice-vs-k curves) for ``cells``.
+    """Write the CSVs, the Markdown tables and the HTML report (:mod:`fseft.report.benchmark_page`) for ``cells``.
 
     Returns:
         ``{"per_case", "per_seed", "tables", "report"}`` paths.
@@ -382,8 +394,10 @@ def write_results(cells: Sequence[CellResult], out: str | Path, protocol: Any = 
     metrics = protocol.metrics if protocol is not None else ("dice", "hd95", "nsd")
     title = f"fseft benchmark: {protocol.name}" if protocol is not None else "fseft benchmark"
     paths = write_outputs(cells, out, metrics, title)
-    paths["report"] = build_report(benchmark_csv=paths["per_seed"], out=Path(out) / "report.html",
-                                   title=title, overwrite=True)  # fmt: skip
+    paths["report"] = build_benchmark_report(
+        cells, Path(out) / "report.html", protocol=protocol, snapshots=Path(out) / SNAPSHOTS_DIR,
+        files=[p.name for p in paths.values()], title=title,
+    )  # fmt: skip
     return paths
 
 

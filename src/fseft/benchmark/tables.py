@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..io_utils import write_text_atomic
+from ..report.groups import format_bytes
 from .cells import SCORES, CellCost, CellResult
 from .planning import ALL
 
@@ -160,15 +161,7 @@ def _cost_cells(costs: Sequence[CellCost]) -> list[str]:
     size = float(np.mean([c.adapter_bytes for c in costs]))
     memory = float(np.mean([c.peak_memory_bytes for c in costs]))
     wall = float(np.mean([c.adapt_wall_s for c in costs]))
-    return [f"{params:,}", _bytes(size), _bytes(memory), f"{wall:.1f} s"]
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
+    return [f"{params:,}", format_bytes(size), format_bytes(memory), f"{wall:.1f} s"]
 
 
 def markdown(cells: Sequence[CellResult], metrics: Sequence[str] = ("dice",), title: str = "") -> str:

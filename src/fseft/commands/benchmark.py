@@ -53,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Each finished cell is written to OUT/cells/ at once, so an interrupted run resumes where it "
         "stopped; --shard i/n runs every n-th cell (shards may share OUT or be merged with --merge). "
         "Writes OUT/results_per_case.csv, OUT/results_per_seed.csv, OUT/results.md (paper-style tables: "
-        "mean Dice ± std over seeds per task group, with cost columns) and OUT/report.html (Dice-vs-k "
-        f"curves). Shipped protocols: {', '.join(shipped_protocols())}.",
+        "mean Dice ± std over seeds per task group, with cost columns) and OUT/report.html (one page: "
+        "what was run, per-group tables with Dice, HD95, NSD and costs, Dice-vs-k, and one query case "
+        f"drawn for every method and k from OUT/snapshots/). Shipped protocols: {', '.join(shipped_protocols())}.",
         epilog="Examples: fseft benchmark synthetic --out runs/synth;  fseft benchmark openkbp --data-root "
         "../shared/data/openkbp --model fm.pt --out runs/kbp --shard 1/2;  "
         "fseft benchmark --merge runs/a runs/b --out runs/all",

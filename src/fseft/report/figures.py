@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 from matplotlib import __version__ as mpl_version
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -84,6 +85,25 @@ def _aspect(view: str, spacing: Sequence[float]) -> float:
     return {"axial": sy / sx, "coronal": sz / sx, "sagittal": sz / sy}[view]
 
 
+def draw_slice(
+    ax: Axes, ct: np.ndarray, aspect: float, outlines: Sequence[tuple[np.ndarray, str, float]]
+) -> None:
+    """Draw a CT plane (soft-tissue window) with mask outlines.
+
+    Args:
+        ax: The axes.
+        ct: CT plane in HU, display order.
+        aspect: Pixel aspect ratio (height / width in mm).
+        outlines: ``(mask plane, colour, line width)``; empty masks are skipped.
+    """
+    ax.imshow(ct, cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1], aspect=aspect, interpolation="bilinear")
+    for mask, color, width in outlines:
+        if mask.any():
+            ax.contour(mask.astype(np.float32), levels=[0.5], colors=[color], linewidths=width)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def overlay_figure(image: Image, rows: Sequence[OverlayRow]) -> bytes:
     """Axial, coronal and sagittal slices through each structure's centroid, reference and
     prediction outlined in two colours.
@@ -110,15 +130,9 @@ def overlay_figure(image: Image, rows: Sequence[OverlayRow]) -> bytes:
             centre = np.asarray(ct.shape) // 2
         for c, view in enumerate(VIEWS):
             ax = axes[r, c]
-            ax.imshow(_view(ct, view, centre), cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1],
-                      aspect=_aspect(view, spacing), interpolation="bilinear")  # fmt: skip
-            for mask, color in ((gt, GT_COLOR), (pred, PRED_COLOR)):
-                if mask is not None:
-                    plane = _view(mask, view, centre).astype(np.float32)
-                    if plane.any():
-                        ax.contour(plane, levels=[0.5], colors=[color], linewidths=1.6)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            outlines = [(_view(m, view, centre), color, 1.6) for m, color in ((gt, GT_COLOR), (pred, PRED_COLOR))
+                        if m is not None]  # fmt: skip
+            draw_slice(ax, _view(ct, view, centre), _aspect(view, spacing), outlines)
             ax.set_title(view, fontsize=10)
         dice = "" if row.dice is None or math.isnan(row.dice) else f"  (Dice {row.dice:.3f})"
         axes[r, 0].set_ylabel(f"{row.structure}{dice}", fontsize=11)

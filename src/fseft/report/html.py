@@ -268,27 +268,43 @@ def _benchmark_section(path: Path) -> str:
     rows = _read_csv(path, BENCHMARK_COLUMNS)
     if not rows:
         raise DataError(f"{path}: no result rows")
-    seeds: dict[tuple[str, str, int, str], float] = {}
+    seeds: dict[tuple[str, str, str, int, str], float] = {}
     for i, row in enumerate(rows, start=2):
         try:
-            key = (row["structure"], row["method"], int(row["k"]), row["seed"])
+            key = (row.get("group") or "", row["structure"], row["method"], int(row["k"]), row["seed"])
         except ValueError:
             raise DataError(f"{path}: line {i}: k must be an integer, got {row['k']!r}") from None
         seeds[key] = _float(row["dice"])
-    curves: dict[str, dict[str, dict[int, list[float]]]] = {"mean over structures": {}}
-    pooled: dict[tuple[str, int, str], list[float]] = {}
-    for (structure, method, k, seed), value in seeds.items():
+    members: dict[str, set[str]] = {}
+    curves: dict[str, dict[str, dict[int, list[float]]]] = {}
+    pooled: dict[tuple[str, str, int, str], dict[str, float]] = {}
+    for (group, structure, method, k, seed), value in seeds.items():
+        members.setdefault(group, set()).add(structure)
         curves.setdefault(structure, {}).setdefault(method, {}).setdefault(k, []).append(value)
-        pooled.setdefault((method, k, seed), []).append(value)
-    for (method, k, _), values in pooled.items():
-        curves["mean over structures"].setdefault(method, {}).setdefault(k, []).append(
-            float(np.nanmean(values))
-        )
-    mean_curves = curves["mean over structures"]
-    ks = sorted({k for by_k in mean_curves.values() for k in by_k})
+        pooled.setdefault((group, method, k, seed), {})[structure] = value
+    # a method enters a group's mean only with every structure of the group; groups never mix
+    means: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for (group, method, k, _), values in pooled.items():
+        if set(values) == members[group]:
+            panel = f"mean over {group} structures" if group else "mean over structures"
+            means.setdefault(panel, {}).setdefault(method, {}).setdefault(k, []).append(
+                float(np.nanmean(list(values.values())))
+            )
+    tables = "".join(_mean_table(panel, by_method) for panel, by_method in means.items())
+    png = figures.dice_vs_k_figure({**means, **curves})
+    return (
+        f"<section><h2>Benchmark: Dice against support size</h2><p class='note'>{html.escape(str(path))}: "
+        "mean ± standard deviation over seeds (per seed, Dice averaged over the structures of a group in "
+        "the mean tables and panels; a method without every structure of a group is left out of its mean, "
+        f"and groups are never averaged together).</p>{tables}{_img(png, 'Dice against k')}</section>"
+    )
+
+
+def _mean_table(panel: str, by_method: Mapping[str, Mapping[int, Sequence[float]]]) -> str:
+    ks = sorted({k for by_k in by_method.values() for k in by_k})
     head = "".join(f"<th>k = {k}</th>" for k in ks)
     body = []
-    for method, by_k in mean_curves.items():
+    for method, by_k in by_method.items():
         cells = []
         for k in ks:
             v = np.asarray(by_k.get(k, []), dtype=float)
@@ -299,12 +315,9 @@ def _benchmark_section(path: Path) -> str:
             )
             cells.append(f"<td>{text}</td>")
         body.append(f"<tr><td class='name'>{html.escape(method)}</td>{''.join(cells)}</tr>")
-    png = figures.dice_vs_k_figure(curves)
     return (
-        f"<section><h2>Benchmark: Dice against support size</h2><p class='note'>{html.escape(str(path))}: "
-        "mean ± standard deviation over seeds (per seed, Dice averaged over structures in the first table "
-        f"and panel).</p><table><thead><tr><th>Method</th>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
-        f"</table>{_img(png, 'Dice against k')}</section>"
+        f"<h3>{html.escape(panel.capitalize())}</h3><table><thead><tr><th>Method</th>{head}</tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table>"
     )
 
 
@@ -321,6 +334,9 @@ th{background:#eef2f6;text-align:center}td.name{text-align:left;font-weight:600}
 td.good{background:#e3f4e8}td.fair{background:#fff4d6}td.poor{background:#fde2e0}
 .muted{color:#7a8794}.note{color:#55606b;font-size:13px}img{max-width:100%;height:auto;display:block;margin:8px 0}
 summary{cursor:pointer;color:#1f4e79;font-weight:600}
+.swatch{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:6px;vertical-align:-1px}
+table.facts{font-size:14px}th.fact{background:none;text-align:left;vertical-align:top;white-space:nowrap;color:#1f4e79}
+td.fact{text-align:left;line-height:1.5}ul.note li{margin:4px 0}
 """
 
 

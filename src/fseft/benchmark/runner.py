@@ -36,6 +36,7 @@ from ..evaluation import evaluate_masks
 from ..inference import PredictConfig, RefineHook, predict_image
 from ..io_utils import atomic_path, write_json_atomic, write_text_atomic
 from ..models import load_model, model_available
+from ..models.feature_store import FeatureStore, FeatureStoreConfig
 from ..report import build_report
 from ..training.api import pretrain_foundation
 from .cells import CellCost, CellResult, MetricRow
@@ -80,8 +81,14 @@ def run_cells(
     *,
     on_cell: Callable[[CellEvent], None] | None = None,
     on_epoch: Callable[[Any], None] | None = None,
+    features: FeatureStore | None = None,
 ) -> list[Path]:
     """Compute every cell of ``cells`` that has no result file yet.
+
+    Black-box cells share the frozen backbone's output on each support and query volume: it is
+    computed once (per model, volume content and window layout) and reused by every task, method,
+    k and seed, from memory or ``features``' on-disk cache (default:
+    :meth:`~fseft.models.feature_store.FeatureStoreConfig.from_env`).
 
     Args:
         plan: The resolved benchmark.
@@ -105,6 +112,7 @@ def run_cells(
         else:
             todo.append(cell)
     model = None
+    store = features if features is not None else FeatureStore(FeatureStoreConfig.from_env())
     for i, cell in enumerate(cells):
         if cell not in todo:
             if on_cell:
@@ -115,7 +123,7 @@ def run_cells(
         if on_cell:
             on_cell(CellEvent("start", i, len(cells), cell))
         start = time.perf_counter()
-        result = run_cell(plan, cell, model, out, on_epoch=on_epoch)
+        result = run_cell(plan, cell, model, out, on_epoch=on_epoch, features=store)
         write_json_atomic(cell_path(out, cell), result.to_dict())
         if on_cell:
             on_cell(CellEvent("done", i, len(cells), cell, time.perf_counter() - start))
@@ -162,7 +170,13 @@ def _build_model(plan: Plan, out: Path) -> None:
 
 
 def run_cell(
-    plan: Plan, cell: Cell, model: Any, out: Path, *, on_epoch: Callable[[Any], None] | None = None
+    plan: Plan,
+    cell: Cell,
+    model: Any,
+    out: Path,
+    *,
+    on_epoch: Callable[[Any], None] | None = None,
+    features: FeatureStore | None = None,
 ) -> CellResult:
     """Adapt, predict every query case, evaluate; returns the cell's result.
 
@@ -172,6 +186,7 @@ def run_cell(
         model: The loaded foundation model (not modified).
         out: Output folder (the adapter file goes to ``OUT/adapters``).
         on_epoch: Per-epoch progress callback.
+        features: Frozen backbone windows reused by black-box methods (None: computed afresh).
 
     Returns:
         The :class:`~fseft.benchmark.cells.CellResult`.
@@ -179,10 +194,12 @@ def run_cell(
     protocol, spec, task = plan.protocol, plan.method(cell), plan.task(cell.task)
     result = adapt(model, task.pool, task.spec.structures, k=cell.k, seed=cell.seed, method=spec.method,
                    task=task.spec.task, method_config=spec.method_config(), train_config=protocol.train_config(),
-                   transductive=spec.transductive_config(), queries=task.queries, progress=on_epoch)  # fmt: skip
+                   transductive=spec.transductive_config(), queries=task.queries, progress=on_epoch,
+                   features=features)  # fmt: skip
     adapter = result.save(out / ADAPTERS_DIR / f"{cell.cell_id}.safetensors")
-    refiner = result.refiner()
-    rows = evaluate_queries(result.model, task.queries, task.spec.structures, protocol, refiner=refiner)
+    refiner = result.refiner(features)
+    rows = evaluate_queries(result.model, task.queries, task.spec.structures, protocol, refiner=refiner,
+                            features=features)  # fmt: skip
     if refiner is not None and result.transductive is not None:
         result.transductive.reports = list(refiner.reports)
     record = result.record
@@ -202,6 +219,7 @@ def evaluate_queries(
     protocol: Protocol,
     *,
     refiner: PerQueryRefiner | None = None,
+    features: FeatureStore | None = None,
 ) -> list[MetricRow]:
     """Predict each query case on its own grid and score it against its reference.
 
@@ -213,6 +231,7 @@ def evaluate_queries(
         refiner: A :class:`~fseft.adapt.transductive.PerQueryRefiner` over ``adapted``: each query
             refines the adapter (prediction's refinement hook) before it is predicted; the original
             adapter is restored afterwards.
+        features: Frozen backbone windows of the queries, reused by black-box models.
 
     Returns:
         One :class:`~fseft.benchmark.cells.MetricRow` per (case, structure) (NaN metrics as None).
@@ -222,7 +241,7 @@ def evaluate_queries(
     with refiner if refiner is not None else contextlib.nullcontext():
         for case in queries:
             hook = None if refiner is None else functools.partial(refiner.refine, case.case_id)
-            rows.extend(_score_query(adapted, case, structures, protocol, config, hook))
+            rows.extend(_score_query(adapted, case, structures, protocol, config, hook, features))
     return rows
 
 
@@ -233,10 +252,11 @@ def _score_query(
     protocol: Protocol,
     config: PredictConfig,
     refine: RefineHook | None,
+    features: FeatureStore | None,
 ) -> list[MetricRow]:
     """Metric rows of one query case (read once; refined on its preprocessed image when ``refine``)."""
     image = read_image(case.image)
-    prediction = predict_image(adapted, image, config=config, refine=refine)
+    prediction = predict_image(adapted, image, config=config, refine=refine, features=features)
     masks: dict[str, np.ndarray] = {}
     for source in case.labels:
         for name, mask in read_label(source, image, structures=structures).items():

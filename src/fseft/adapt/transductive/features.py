@@ -20,6 +20,7 @@ from ...config import PreprocessConfig
 from ...data.cases import Case
 from ...data.dataset import PreprocessedCache
 from ...errors import ConfigError
+from ...models.feature_store import FeatureStore
 from ..feature_cache import FeatureCache
 from ..model import AdaptedModel
 from .config import TransductiveConfig
@@ -63,7 +64,12 @@ def check_black_box(adapted: AdaptedModel) -> None:
 
 @torch.no_grad()
 def query_features(
-    adapted: AdaptedModel, images: Sequence[torch.Tensor], names: Sequence[str], cfg: TransductiveConfig
+    adapted: AdaptedModel,
+    images: Sequence[torch.Tensor],
+    names: Sequence[str],
+    cfg: TransductiveConfig,
+    *,
+    store: FeatureStore | None = None,
 ) -> list[QueryFeatures]:
     """Whole-volume frozen features of preprocessed query images, pooled by ``cfg.pool``.
 
@@ -72,6 +78,7 @@ def query_features(
         images: ``[1, X, Y, Z]`` preprocessed query volumes.
         names: One name per image.
         cfg: Options (``pool``, ``feature_overlap``, ``sw_batch_size``).
+        store: Reuse (and keep) the frozen backbone's windows of each query there.
 
     Returns:
         One :class:`QueryFeatures` per image, on the model's device.
@@ -94,6 +101,8 @@ def query_features(
                 overlap=cfg.feature_overlap,
                 sw_batch_size=cfg.sw_batch_size,
                 device=device,
+                store=store,
+                fingerprint=adapted.base_fingerprint,
             ) as cache:
                 features = cache.volume(0)[None].to(device)
             weights = (image > 0).float()[None].to(device)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from ...errors import ConfigError
+from ...models.feature_store import FeatureStore
 from ..model import AdaptedModel
 from .config import QueryReport, TransductiveConfig
 from .features import (
@@ -110,17 +111,27 @@ class PerQueryRefiner:
         adapted: The adapted model (black-box method); refined in place, restored on exit.
         priors: One size prior per target structure.
         cfg: Options (``mode`` is not consulted).
+        features: Reuse (and keep) each query's frozen backbone windows there, so prediction,
+            given the same store, replays them instead of running the backbone a second time.
 
     Raises:
         ConfigError: a method that is not black-box, or a structure without a prior.
     """
 
-    def __init__(self, adapted: AdaptedModel, priors: Sequence[SizePrior], cfg: TransductiveConfig) -> None:
+    def __init__(
+        self,
+        adapted: AdaptedModel,
+        priors: Sequence[SizePrior],
+        cfg: TransductiveConfig,
+        *,
+        features: FeatureStore | None = None,
+    ) -> None:
         check_black_box(adapted)
         prior_tensor(adapted, priors)
         self.adapted = adapted
         self.priors = tuple(priors)
         self.cfg = cfg
+        self.features = features
         self.reports: list[QueryReport] = []
         self._snapshot: dict[str, torch.Tensor] = {}
 
@@ -148,7 +159,7 @@ class PerQueryRefiner:
             raise ConfigError("PerQueryRefiner.refine must be called inside its 'with' block")
         start = time.perf_counter()
         self._restore()
-        (query,) = query_features(self.adapted, [image], [name], self.cfg)
+        (query,) = query_features(self.adapted, [image], [name], self.cfg, store=self.features)
         report = refine(self.adapted, query, self.priors, self.cfg)
         report.seconds = time.perf_counter() - start
         self.reports.append(report)

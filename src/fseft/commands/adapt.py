@@ -149,6 +149,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--constraint", choices=("hinge", "log-barrier"), default="hinge", help="penalty (default hinge)"
     )
     tx.add_argument(
+        "--tx-prior",
+        choices=("proportion", "volume"),
+        default="proportion",
+        help="size prior: proportion of the body (the paper's), or volume in ml converted to each "
+        "query's body (steady across fields of view) (default proportion)",
+    )
+    tx.add_argument(
         "--lambda", dest="tx_lambda", type=float, default=0.1, help="penalty weight (default 0.1)"
     )
     tx.add_argument(
@@ -172,8 +179,8 @@ def _tx_config(args: argparse.Namespace) -> Any:
         raise ConfigError(
             "--tx-mode per-query refines at prediction time ('fseft predict --transductive'); drop --transductive"
         )
-    return TransductiveConfig(mode=mode, constraint=args.constraint, lam=args.tx_lambda, margin=args.margin,
-                              warmup_epochs=args.tx_warmup)  # fmt: skip
+    return TransductiveConfig(mode=mode, constraint=args.constraint, prior=args.tx_prior, lam=args.tx_lambda,
+                              margin=args.margin, warmup_epochs=args.tx_warmup)  # fmt: skip
 
 
 def _config(args: argparse.Namespace) -> AdaptCommandConfig:

@@ -33,6 +33,7 @@ from .features import (
     penalty,
     prior_tensor,
     query_features,
+    query_prior,
     soft_and_mask_proportions,
 )
 from .priors import SizePrior
@@ -55,7 +56,8 @@ def refine(
         adapted: The adapted model (black-box method); modified in place.
         query: The query's features.
         priors: One size prior per target structure.
-        cfg: Options (``steps``, ``lr``, ``constraint``, ``lam``, ``margin``, ``t0``, ``t_growth``).
+        cfg: Options (``steps``, ``lr``, ``constraint``, ``prior``, ``lam``, ``margin``, ``t0``,
+            ``t_growth``).
 
     Returns:
         The query's :class:`QueryReport` (``steps``: the Adam steps that led to the kept iterate).
@@ -64,7 +66,7 @@ def refine(
         ConfigError: a method that is not black-box, or a structure without a prior.
     """
     check_black_box(adapted)
-    prior = prior_tensor(adapted, priors)
+    prior = query_prior(adapted, priors, query, cfg.prior)
     params = [p for p in adapted.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr if cfg.lr is not None else adapted.lr)
     was_training = adapted.training

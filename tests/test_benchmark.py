@@ -212,9 +212,10 @@ def test_flare22_plans_on_a_fake_tree(tmp_path):
 # --- running: resume, shards, tables -----------------------------------------------------------
 
 
-def _dice(out: Path, method: str = "linear-probe") -> dict[tuple[str, str], str]:
+def _dice(out: Path, method: str = "linear-probe") -> dict[tuple[str, str], tuple[str, ...]]:
+    """Every metric of the per-seed table for one method: what a resumed or merged run must reproduce."""
     with open(out / "results_per_seed.csv") as f:
-        return {(r["k"], r["seed"]): r["dice"] for r in csv.DictReader(f) if r["method"] == method}
+        return {(r["k"], r["seed"]): (r["dice"], r["hd95_mm"], r["nsd"]) for r in csv.DictReader(f) if r["method"] == method}
 
 
 #: The linear-probe part of the reference grid (4 cells), for the resume and shard tests.

@@ -365,8 +365,8 @@ def run_benchmark(
         out: Output folder (cells, adapters, CSVs, ``results.md``, ``report.html``).
         data_root: Folder the protocol's data paths are relative to (default ``OUT/data``).
         model: Model name or file replacing the protocol's.
-        support: Support-pool manifest for every task (with ``query``).
-        query: Query manifest for every task.
+        support: Support-pool manifest replacing every task's pool.
+        query: Query manifest replacing every task's queries (the pool stays the protocol's).
         shard_spec: ``"i/n"``: run only that shard of the grid.
         on_cell: Per-cell progress callback.
         on_epoch: Per-epoch progress callback.

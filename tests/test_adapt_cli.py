@@ -109,15 +109,16 @@ def test_transductive_adapt_then_per_query_predict(workspace, tmp_path, capsys):
 
     adapter = tmp_path / "tx.safetensors"
     argv = args(workspace, adapter, "--method", "linear-probe", "--transductive", str(workspace["manifest"]),
-                "--tx-warmup", "1")  # fmt: skip
+                "--tx-warmup", "1", "--tx-prior", "volume")  # fmt: skip
     assert main(argv) == 0
     header = read_adapter_header(adapter)
     assert header["size_priors"][0]["structure"] == "pancreas" and header["transductive"]["mode"] == "batch"
+    assert header["transductive"]["prior"] == "volume"
     capsys.readouterr()
     image = workspace["root"] / "img3.nii.gz"
     predict = ["predict", str(image), "--model", str(workspace["model"]), "--adapter", str(adapter),
                "--out", str(tmp_path / "preds"), "--device", "cpu", "--transductive"]  # fmt: skip
-    assert main([*predict, "--constraint", "log-barrier"]) == 0
+    assert main([*predict, "--constraint", "log-barrier", "--tx-prior", "proportion"]) == 0
     report = capsys.readouterr().err
     assert "transductive img3" in report and "prior" in report and "steps" in report
     (written,) = [p for p in (tmp_path / "preds").iterdir() if p.name.endswith(".nii.gz")]
@@ -125,7 +126,7 @@ def test_transductive_adapt_then_per_query_predict(workspace, tmp_path, capsys):
     # the constraint choice without --transductive is refused with one line
     assert main(predict[:-1] + ["--constraint", "hinge", "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--constraint needs --transductive" in err[0]
+    assert len(err) == 1 and "--constraint and --tx-prior need --transductive" in err[0]
 
 
 def test_lr_reaches_per_query_refinement_and_each_input_is_read_once(workspace, tmp_path, monkeypatch):

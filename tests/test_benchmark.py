@@ -20,7 +20,9 @@ from fseft.benchmark import (
     shipped_protocols,
 )
 from fseft.benchmark import runner as runner_module
-from fseft.benchmark.planning import shard
+from fseft.benchmark.cells import CellCost, MetricRow
+from fseft.benchmark.planning import Cell, shard
+from fseft.benchmark.tables import markdown
 from fseft.cli import main
 from fseft.data.image import Image
 from fseft.data.io import write_image
@@ -84,6 +86,9 @@ def test_shipped_protocols_parse():
     assert synthetic.data.source == "synth" and synthetic.data.sites == ("t",)
     assert "spatial-adapter +TI" in [m.row_label for m in synthetic.methods]
     assert any(m.all_train for m in synthetic.methods)
+    openkbp = load_protocol("openkbp")  # every family that trains has its own all-train ceiling
+    assert {m.method for m in openkbp.methods if m.all_train} == {"linear-probe", "spatial-adapter", "lora", "full-ft"}
+    assert "spatial-adapter +TI volume prior" in [m.row_label for m in openkbp.methods]
 
 
 @pytest.mark.parametrize(
@@ -207,9 +212,10 @@ def test_flare22_plans_on_a_fake_tree(tmp_path):
 # --- running: resume, shards, tables -----------------------------------------------------------
 
 
-def _dice(out: Path, method: str = "linear-probe") -> dict[tuple[str, str], str]:
+def _dice(out: Path, method: str = "linear-probe") -> dict[tuple[str, str], tuple[str, ...]]:
+    """Every metric of the per-seed table for one method: what a resumed or merged run must reproduce."""
     with open(out / "results_per_seed.csv") as f:
-        return {(r["k"], r["seed"]): r["dice"] for r in csv.DictReader(f) if r["method"] == method}
+        return {(r["k"], r["seed"]): (r["dice"], r["hd95_mm"], r["nsd"]) for r in csv.DictReader(f) if r["method"] == method}
 
 
 #: The linear-probe part of the reference grid (4 cells), for the resume and shard tests.
@@ -347,6 +353,25 @@ def test_shards_merge_to_the_unsharded_result(workspace, reference, tmp_path):
     cell.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="computed under a different configuration"):
         run_benchmark(path, tmp_path / "shard1", data_root=workspace["root"], model=str(workspace["model"]))
+
+
+def _result(label: str, method: str, k: int, all_train: bool, seed: int, dice: float, index: int) -> CellResult:
+    cell = Cell("t", "base", 0, index, label, k, all_train, seed)
+    return CellResult(cell, method, "frozen", "+TI" in label, False, "h", {}, {}, CellCost(1, 1, 1, "cpu-peak-rss", 1.0, "cpu"),
+                      (MetricRow("c", "liver", dice, None, None, None, None, ""),))  # fmt: skip
+
+
+def test_each_row_reads_against_its_familys_ceiling():
+    cells = [_result("linear-probe", "linear-probe", 1, False, s, 0.5 + s / 10, 0) for s in (0, 1)]
+    cells += [_result("linear-probe", "linear-probe", 4, True, s, 0.8, 0) for s in (0, 1)]
+    cells += [_result("linear-probe +TI", "linear-probe", 1, False, s, 0.6, 1) for s in (0, 1)]
+    cells += [_result("bitfit", "bitfit", 1, False, s, 0.3, 2) for s in (0, 1)]
+    lines = markdown(cells).splitlines()
+    assert "| method | k=1 | all | k=1 − all | trainable params | adapter size | peak memory | adapt time |" in lines
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:4] for line in lines if line.startswith("| ")}
+    assert rows["linear-probe"] == ["0.550 ± 0.071", "0.800 ± 0.000", "-0.250"]
+    assert rows["linear-probe +TI"] == ["0.600 ± 0.000", "(0.800 ± 0.000)", "-0.200"]  # its family ceiling
+    assert rows["bitfit"] == ["0.300 ± 0.000", "–", "–"]  # no ceiling of its own family
 
 
 def test_parse_protocol_names_the_source():

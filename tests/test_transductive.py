@@ -32,6 +32,7 @@ from fseft.adapt.transductive.features import (
     band_distance,
     penalty,
     predicted_proportions,
+    query_prior,
     soft_and_mask_proportions,
 )
 from fseft.adapt.transductive.priors import (
@@ -355,8 +356,32 @@ def test_pooled_proportion_matches_full_resolution_for_a_constant_head(probe):
         "q",
         torch.nn.functional.avg_pool3d(query.features, 2, ceil_mode=True),
         torch.nn.functional.avg_pool3d(query.weights, 2, ceil_mode=True),
+        query.body_ml,
     )
     assert proportion(model, pooled) == pytest.approx(0.5) == proportion(model, query)
+
+
+def test_volume_prior_follows_each_querys_field_of_view_and_is_stored(tiny_base, tmp_path):
+    """The same organ (8^3 voxels) in queries showing 20^3 and 28^3 voxels of body: the proportion
+    prior holds both to the support's proportion, the volume prior to each query's own."""
+    spacing = tiny_base.config.preprocess.spacing
+    adapted = apply_method(tiny_base, "linear-probe", ["liver"])
+    priors = size_priors([blob_volume("s", 4, body=12)], ["liver"], spacing)
+    images = [blob_volume(f"q{b}", 4, body=b).image for b in (10, 14)]
+    queries = query_features(adapted, images, ["q10", "q14"], TransductiveConfig(pool=1))
+    assert queries[0].body_ml == pytest.approx(20**3 * np.prod(spacing) / 1000)
+    proportion = [float(query_prior(adapted, priors, q, "proportion")[0]) for q in queries]
+    volume = [float(query_prior(adapted, priors, q, "volume")[0]) for q in queries]
+    assert proportion == pytest.approx([8**3 / 24**3] * 2)
+    assert volume == pytest.approx([8**3 / 20**3, 8**3 / 28**3])
+    reports = {kind: [refine(adapted, q, priors, TransductiveConfig(prior=kind, steps=1)).prior[0] for q in queries]
+               for kind in ("proportion", "volume")}  # fmt: skip
+    assert reports["proportion"] == pytest.approx(proportion) and reports["volume"] == pytest.approx(volume)
+    path = save_adapter(adapted, tmp_path / "a.safetensors", {}, size_priors=priors,
+                        transductive=TransductiveConfig(mode="per-query", prior="volume"))  # fmt: skip
+    assert transductive_options(read_adapter_header(path), path).prior == "volume"
+    with pytest.raises(ConfigError, match="unknown size prior 'area'"):
+        TransductiveConfig(prior="area")
 
 
 # --- batch mode during training ------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ..data.manifests import load_manifest
 from ..errors import ConfigError
 from ..io_utils import write_json_atomic
 from ..models import FoundationModel, load_model
+from ..models.feature_store import FeatureStore
 from ..runtime import resolve_device
 from .adapter_io import save_adapter
 from .methods import get_method
@@ -182,12 +183,13 @@ class AdaptResult:
         """The run record as JSON, with the transductive priors, options and reports when present."""
         return {**self.record.to_dict(), **(self.transductive.to_record() if self.transductive else {})}
 
-    def refiner(self) -> PerQueryRefiner | None:
-        """A per-query refiner over :attr:`model` in per-query mode (None otherwise)."""
+    def refiner(self, features: FeatureStore | None = None) -> PerQueryRefiner | None:
+        """A per-query refiner over :attr:`model` in per-query mode (None otherwise); ``features``:
+        where the queries' frozen backbone windows are reused (those prediction then replays)."""
         tx = self.transductive
         if tx is None or tx.config.mode != "per-query":
             return None
-        return PerQueryRefiner(self.model, tx.priors, tx.config)
+        return PerQueryRefiner(self.model, tx.priors, tx.config, features=features)
 
     def save(self, path: str | os.PathLike[str], record_path: str | os.PathLike[str] | None = None) -> Path:
         """Write the adapter file (priors and transductive options as header fields) and, when
@@ -236,6 +238,7 @@ def adapt(
     queries: str | os.PathLike[str] | Sequence[Case] | None = None,
     progress: Progress | None = None,
     support_draw: str = "permutation",
+    features: FeatureStore | None = None,
 ) -> AdaptResult:
     """Adapt a foundation model to new structures from a k-shot support set.
 
@@ -266,6 +269,8 @@ def adapt(
         progress: Called after each epoch with an :class:`~fseft.adapt.trainer.EpochReport`.
         support_draw: ``"permutation"`` (fseft's) or ``"reference"`` (the reference code's
             ``random.sample``, on the support cases in their given order; :mod:`fseft.adapt.support`).
+        features: Reuse the frozen backbone's windows of support (and batch-mode query) volumes
+            from this store, and keep new ones there (black-box methods on the cached path).
 
     Returns:
         The :class:`AdaptResult` (model in eval mode, record, transductive result).
@@ -306,10 +311,10 @@ def adapt(
         torch.manual_seed(seed)
         adapted = apply_method(base, method, names, task, mcfg, base_fingerprint=fingerprint).to(device)
         path = resolve_path(adapted, cfg.feature_cache)
-        tx, constraint = _transductive(adapted, volumes, transductive, queries)
+        tx, constraint = _transductive(adapted, volumes, transductive, queries, features)
         with constraint or contextlib.nullcontext():
             result = fit(adapted, volumes, cfg, lr=adapted.lr or 0.0, seed=seed, path=path, validation=held,
-                         device=device, progress=progress, hook=constraint)  # fmt: skip
+                         device=device, progress=progress, hook=constraint, store=features)  # fmt: skip
         if tx is not None and constraint is not None:
             constraint.record(tx)
     record = AdaptRecord(
@@ -355,6 +360,7 @@ def _transductive(
     volumes: Sequence[SupportVolume],
     cfg: TransductiveConfig | None,
     queries: str | os.PathLike[str] | Sequence[Case] | None,
+    store: FeatureStore | None,
 ) -> tuple[TransductiveResult | None, BatchConstraint | None]:
     """The size priors and, in batch mode, the constraint on the queries' features (None: plain)."""
     if cfg is None:
@@ -367,7 +373,7 @@ def _transductive(
     query_cases = _resolve_cases(queries)
     t0 = time.perf_counter()
     images = load_query_images(query_cases, adapted.structures, pre)
-    features = query_features(adapted, images, [c.case_id for c in query_cases], cfg)
+    features = query_features(adapted, images, [c.case_id for c in query_cases], cfg, store=store)
     tx.feature_time_s = time.perf_counter() - t0
     return tx, BatchConstraint(adapted, features, tx.priors, cfg)
 

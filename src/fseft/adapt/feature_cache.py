@@ -10,6 +10,11 @@ Training then only runs the adapter and head on crops of these maps.
 Features near window borders come from a Gaussian blend of overlapping windows, so they differ
 slightly from the features of a crop computed alone; the trainer's tests compare the final Dice of
 both paths rather than expecting identical numbers.
+
+With a :class:`~fseft.models.feature_store.FeatureStore` the backbone's windows of a volume are
+computed once per (model, volume content, window layout) and reused across adaptations (every
+method, k and seed of a benchmark); the maps are those same windows blended, bit-equal to computing
+them afresh.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..models.feature_store import FeatureStore, blend_windows
 from ..models.predict import sliding_window_logits
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,8 @@ class FeatureCache:
         memory_budget_bytes: int = 8 << 30,
         directory: str | os.PathLike[str] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        store: FeatureStore | None = None,
+        fingerprint: str | None = None,
     ) -> FeatureCache:
         """Compute the feature maps of ``images``.
 
@@ -79,29 +87,32 @@ class FeatureCache:
             directory: Where the temporary memmap folder is created (default: the system temp folder);
                 :meth:`close` removes it.
             progress: Called with ``(volumes done, total)`` after each volume.
+            store: Reuse (and keep) the backbone's windows there; needs ``fingerprint``.
+            fingerprint: Fingerprint of the model whose frozen features ``features`` computes.
 
         Returns:
             The cache.
 
         Raises:
-            ConfigError: on a negative budget or an illegal ROI / overlap.
+            ConfigError: on a negative budget, an illegal ROI / overlap, or a store without fingerprint.
         """
         if memory_budget_bytes < 0:
             raise ConfigError(f"feature memory budget must be >= 0 bytes, got {memory_budget_bytes}")
+        if store is not None and fingerprint is None:
+            raise ConfigError("a feature store needs the fingerprint of the model computing the features")
         device = torch.device(device)
         in_memory = 0
         folder: Path | None = None
         maps: list[np.ndarray] = []
         for i, image in enumerate(images):
-            out = sliding_window_logits(
-                features,
-                image[None].to(device),
-                roi,
-                overlap=overlap,
-                sw_batch_size=sw_batch_size,
-                mode="gaussian",
-                device=torch.device("cpu"),
-            )[0]
+            x = image[None].to(device)
+            if store is not None:
+                windows = store.windows(features, str(fingerprint), x, roi, overlap=overlap, sw_batch_size=sw_batch_size)
+                out = blend_windows(windows, _identity, x, roi, overlap=overlap, sw_batch_size=sw_batch_size,
+                                    mode="gaussian", device=torch.device("cpu"))[0]  # fmt: skip
+            else:
+                out = sliding_window_logits(features, x, roi, overlap=overlap, sw_batch_size=sw_batch_size,
+                                            mode="gaussian", device=torch.device("cpu"))[0]  # fmt: skip
             half = out.to(torch.float16).numpy()
             del out
             if in_memory + half.nbytes <= memory_budget_bytes:
@@ -169,6 +180,10 @@ class FeatureCache:
         if self.owns_directory and self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 __all__ = ["FeatureCache"]

@@ -95,6 +95,12 @@ class AdaptedModel(nn.Module):
         be cached, and training only needs :meth:`forward_features`."""
         return self.method.black_box and not self.config.trains_backbone_groups
 
+    @property
+    def frozen_features(self) -> bool:
+        """True when :meth:`features` is the un-adapted base's (black-box method, nothing in the base
+        trains): its output can be stored and reused under :attr:`base_fingerprint`."""
+        return self.black_box and not any(p.requires_grad for p in self.base.parameters())
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Decoder feature map ``[B, F, X, Y, Z]`` of the (frozen or PEFT-adapted) base."""
         return self.base.features(x)

@@ -26,6 +26,7 @@ from monai.losses import DiceLoss
 from monai.metrics import compute_dice
 
 from ..errors import ConfigError, TrainingError
+from ..models.feature_store import FeatureStore
 from ..models.predict import sliding_window_logits
 from ..training.schedule import warmup_cosine
 from .early_stopping import PlateauStopper
@@ -235,6 +236,7 @@ def fit(
     device: torch.device | None = None,
     progress: Progress | None = None,
     hook: EpochHook | None = None,
+    store: FeatureStore | None = None,
 ) -> FitResult:
     """Train ``adapted`` (an :class:`~fseft.adapt.model.AdaptedModel`) on the support volumes.
 
@@ -249,6 +251,8 @@ def fit(
         device: Where to train (default: the model's device).
         progress: Called after every epoch (and every cached volume).
         hook: Called after every epoch, before ``progress``; may start a new training phase.
+        store: On the cached path, reuse the frozen backbone's windows of each support volume from
+            (and keep them in) this store.
 
     Returns:
         The :class:`FitResult`; ``adapted`` is trained in place and left in eval mode.
@@ -289,6 +293,8 @@ def fit(
             device=device,
             memory_budget_bytes=int(cfg.feature_memory_gb * 2**30),
             directory=cfg.feature_dir,
+            store=store,
+            fingerprint=adapted.base_fingerprint,
             progress=None if progress is None else lambda i, n: progress(
                 EpochReport("features", i, n, elapsed_s=time.perf_counter() - start)
             ),

@@ -178,8 +178,10 @@ def plan(
             assembly is, generated there when missing; default ``OUT/data``).
         out: Benchmark output folder (the ``{out}`` placeholder).
         model: Model name or file replacing the protocol's.
-        support: Support-pool manifest replacing the protocol's split (every task).
-        query: Query manifest replacing the protocol's split (every task).
+        support: Support-pool manifest replacing the protocol's pool (every task; the queries stay
+            the protocol's unless ``query`` is given too).
+        query: Query manifest replacing the protocol's queries (every task; the support pool stays
+            where the protocol says unless ``support`` is given too).
         check_methods: Apply every method to the model once (a dry run) to catch combinations that
             cannot work (e.g. zero-shot on a structure the model does not know).
 
@@ -195,16 +197,16 @@ def plan(
     out = Path(out)
     root = Path(data_root) if data_root is not None else out / "data"
     values = {"data_root": str(root), "protocol_dir": str(Path(protocol.path).parent), "out": str(out)}
-    if (support is None) != (query is None):
-        raise ConfigError("--support and --query go together (the support pool and the queries)")
+    given_pool = load_manifest(_existing(Path(support), "--support")) if support is not None else None
+    given_queries = load_manifest(_existing(Path(query), "--query")) if query is not None else None
     cases: list[Case] = []
-    if support is None:
+    if given_pool is None or given_queries is None:
         cases = _protocol_cases(protocol, root, values)
     tasks = []
     for i, spec in enumerate(protocol.tasks):
         where = f"{w}: tasks[{i}] ({spec.name})"
-        if support is not None:
-            pool, queries = load_manifest(_existing(Path(support), "--support")), load_manifest(_existing(Path(query), "--query"))  # type: ignore[arg-type]  # fmt: skip
+        if given_pool is not None and given_queries is not None:
+            pool, queries = given_pool, given_queries
         elif spec.support is not None or spec.query is not None:
             if spec.support is None or spec.query is None:
                 raise ConfigError(f"{where}: 'support' and 'query' manifests go together")
@@ -212,6 +214,7 @@ def plan(
             queries = load_manifest(_existing(root / expand(spec.query, **values), f"{where}: query"))
         else:
             pool, queries = _split(protocol, spec, cases, where)
+        pool, queries = given_pool or pool, given_queries or queries
         tasks.append(_task_cases(protocol, spec, pool, queries, where))
     model_name = model or _model_name(protocol, values)
     if check_methods:

@@ -213,8 +213,8 @@ class MethodSpec:
     Args:
         method: Registered method name (``fseft methods``).
         label: Row label (default: the method, plus its decoder policy when not frozen, plus
-            ``+TI`` when transductive, followed by the mode and constraint when they are not the
-            defaults, e.g. ``spatial-adapter +TI per-query log-barrier``).
+            ``+TI`` when transductive, followed by the mode, constraint and prior when they are not the
+            defaults, e.g. ``spatial-adapter +TI per-query log-barrier volume prior``).
         decoder: Decoder policy (None: the method's default).
         bottleneck: Bottleneck policy (None: the method's default).
         options: Further fields of the method's config (e.g. ``rank`` for lora).
@@ -263,7 +263,8 @@ class MethodSpec:
             return text
 
         tx, paper = self.transductive_config(), TransductiveConfig()
-        variants = [v for v, d in ((tx.mode, paper.mode), (tx.constraint, paper.constraint)) if v != d]
+        pairs = ((tx.mode, paper.mode), (tx.constraint, paper.constraint), (f"{tx.prior} prior", f"{paper.prior} prior"))
+        variants = [v for v, d in pairs if v != d]
         return " ".join([text, "+TI", *variants])
 
 

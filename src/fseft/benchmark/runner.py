@@ -36,6 +36,7 @@ from ..evaluation import evaluate_masks
 from ..inference import PredictConfig, RefineHook, predict_image
 from ..io_utils import atomic_path, write_json_atomic, write_text_atomic
 from ..models import load_model, model_available
+from ..models.feature_store import FeatureStore, FeatureStoreConfig
 from ..report.benchmark_page import build_benchmark_report
 from ..report.snapshots import save_snapshot, take_snapshot
 from ..runtime import machine_summary
@@ -84,8 +85,14 @@ def run_cells(
     *,
     on_cell: Callable[[CellEvent], None] | None = None,
     on_epoch: Callable[[Any], None] | None = None,
+    features: FeatureStore | None = None,
 ) -> list[Path]:
     """Compute every cell of ``cells`` that has no result file yet.
+
+    Black-box cells share the frozen backbone's output on each support and query volume: it is
+    computed once (per model, volume content and window layout) and reused by every task, method,
+    k and seed, from memory or ``features``' on-disk cache (default:
+    :meth:`~fseft.models.feature_store.FeatureStoreConfig.from_env`).
 
     Args:
         plan: The resolved benchmark.
@@ -109,6 +116,7 @@ def run_cells(
         else:
             todo.append(cell)
     model = None
+    store = features if features is not None else FeatureStore(FeatureStoreConfig.from_env())
     for i, cell in enumerate(cells):
         if cell not in todo:
             if on_cell:
@@ -119,7 +127,7 @@ def run_cells(
         if on_cell:
             on_cell(CellEvent("start", i, len(cells), cell))
         start = time.perf_counter()
-        result = run_cell(plan, cell, model, out, on_epoch=on_epoch)
+        result = run_cell(plan, cell, model, out, on_epoch=on_epoch, features=store)
         write_json_atomic(cell_path(out, cell), result.to_dict())
         if on_cell:
             on_cell(CellEvent("done", i, len(cells), cell, time.perf_counter() - start))
@@ -166,7 +174,13 @@ def _build_model(plan: Plan, out: Path) -> None:
 
 
 def run_cell(
-    plan: Plan, cell: Cell, model: Any, out: Path, *, on_epoch: Callable[[Any], None] | None = None
+    plan: Plan,
+    cell: Cell,
+    model: Any,
+    out: Path,
+    *,
+    on_epoch: Callable[[Any], None] | None = None,
+    features: FeatureStore | None = None,
 ) -> CellResult:
     """Adapt, predict every query case, evaluate; returns the cell's result.
 
@@ -176,6 +190,7 @@ def run_cell(
         model: The loaded foundation model (not modified).
         out: Output folder (the adapter file goes to ``OUT/adapters``).
         on_epoch: Per-epoch progress callback.
+        features: Frozen backbone windows reused by black-box methods (None: computed afresh).
 
     Returns:
         The :class:`~fseft.benchmark.cells.CellResult`.
@@ -185,11 +200,11 @@ def run_cell(
     result = adapt(model, task.pool, task.spec.structures, k=cell.k, seed=cell.seed, method=spec.method,
                    task=task.spec.task, method_config=spec.method_config(), train_config=protocol.train_config(),
                    transductive=spec.transductive_config(), queries=task.queries, progress=on_epoch,
-                   support_draw=protocol.support_draw)  # fmt: skip
+                   support_draw=protocol.support_draw, features=features)  # fmt: skip
     adapter = result.save(out / ADAPTERS_DIR / f"{cell.cell_id}.safetensors")
-    refiner = result.refiner()
+    refiner = result.refiner(features)
     rows = evaluate_queries(result.model, task.queries, task.spec.structures, protocol, refiner=refiner,
-                            snapshot=out / SNAPSHOTS_DIR / f"{cell.cell_id}.npz")  # fmt: skip
+                            snapshot=out / SNAPSHOTS_DIR / f"{cell.cell_id}.npz", features=features)  # fmt: skip
     if refiner is not None and result.transductive is not None:
         result.transductive.reports = list(refiner.reports)
     record = result.record
@@ -210,6 +225,7 @@ def evaluate_queries(
     *,
     refiner: PerQueryRefiner | None = None,
     snapshot: Path | None = None,
+    features: FeatureStore | None = None,
 ) -> list[MetricRow]:
     """Predict each query case on its own grid and score it against its reference.
 
@@ -222,6 +238,7 @@ def evaluate_queries(
             refines the adapter (prediction's refinement hook) before it is predicted; the original
             adapter is restored afterwards.
         snapshot: Where to save the first query's slices (:mod:`fseft.report.snapshots`).
+        features: Frozen backbone windows of the queries, reused by black-box models.
 
     Returns:
         One :class:`~fseft.benchmark.cells.MetricRow` per (case, structure) (NaN metrics as None).
@@ -231,7 +248,8 @@ def evaluate_queries(
     with refiner if refiner is not None else contextlib.nullcontext():
         for i, case in enumerate(queries):
             hook = None if refiner is None else functools.partial(refiner.refine, case.case_id)
-            rows.extend(_score_query(adapted, case, structures, protocol, config, hook, snapshot if i == 0 else None))
+            rows.extend(_score_query(adapted, case, structures, protocol, config, hook, snapshot if i == 0 else None,
+                                     features))  # fmt: skip
     return rows
 
 
@@ -243,11 +261,12 @@ def _score_query(
     config: PredictConfig,
     refine: RefineHook | None,
     snapshot: Path | None = None,
+    features: FeatureStore | None = None,
 ) -> list[MetricRow]:
     """Metric rows of one query case (read once; refined on its preprocessed image when ``refine``;
     its slices saved to ``snapshot`` when given)."""
     image = read_image(case.image)
-    prediction = predict_image(adapted, image, config=config, refine=refine)
+    prediction = predict_image(adapted, image, config=config, refine=refine, features=features)
     masks: dict[str, np.ndarray] = {}
     for source in case.labels:
         for name, mask in read_label(source, image, structures=structures).items():
@@ -358,8 +377,8 @@ def run_benchmark(
         out: Output folder (cells, adapters, CSVs, ``results.md``, ``report.html``).
         data_root: Folder the protocol's data paths are relative to (default ``OUT/data``).
         model: Model name or file replacing the protocol's.
-        support: Support-pool manifest for every task (with ``query``).
-        query: Query manifest for every task.
+        support: Support-pool manifest replacing every task's pool.
+        query: Query manifest replacing every task's queries (the pool stays the protocol's).
         shard_spec: ``"i/n"``: run only that shard of the grid.
         on_cell: Per-cell progress callback.
         on_epoch: Per-epoch progress callback.

@@ -3,7 +3,10 @@
 Aggregation follows the paper: for each cell (task, method, k, seed) the metric is averaged over the
 query cases (and the task's structures); within a task group the per-task values of one seed are
 averaged over the group's tasks; the table shows the mean ± standard deviation (``ddof=1``) of that
-over seeds. The ``all`` column is the upper bound trained on every support case of each task.
+over seeds. The ``all`` column is the upper bound trained on every support case of each task; a
+row without all-train cells shows its family's ceiling there in parentheses
+(:mod:`fseft.benchmark.ceilings`), and ``k=K − all`` is the gap between the largest support size and
+that ceiling. After the group tables, one Dice table per task.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 
 from ..io_utils import write_text_atomic
 from ..report.groups import format_bytes
+from .ceilings import ceiling_rows
 from .cells import SCORES, CellCost, CellResult
 from .planning import ALL
 
@@ -124,7 +128,9 @@ def group_table(
         cols = [str(k) for k in columns] if d.k_independent else [c.column]
         for column in cols:
             values.setdefault((c.label, column, c.seed), {})[c.task] = value
-    heads = [f"k={k}" for k in columns] + ([ALL] if has_all else [])
+    ceilings = ceiling_rows(mine)
+    gap = f"k={columns[-1]} − {ALL}" if has_all and columns else None
+    heads = [f"k={k}" for k in columns] + ([ALL] if has_all else []) + ([gap] if gap else [])
     costs = ["trainable params", "adapter size", "peak memory", "adapt time"] if cost else []
     lines = [
         f"**{group}** tasks ({', '.join(tasks)}): {title}, mean ± std over seeds",
@@ -132,19 +138,32 @@ def group_table(
         "| method | " + " | ".join(heads + costs) + " |",
         "|---|" + "---:|" * (len(heads) + len(costs)),
     ]
+    def per_seed(method: str, column: str) -> list[float]:
+        return [
+            _mean(list(by_task.values())) if len(by_task) == len(tasks) else math.nan
+            for (m, col, _), by_task in values.items()
+            if m == method and col == column
+        ]
+
     for method in methods:
-        row = [method]
-        for column in [str(k) for k in columns] + ([ALL] if has_all else []):
-            per_seed = [
-                _mean(list(by_task.values())) if len(by_task) == len(tasks) else math.nan
-                for (m, col, _), by_task in values.items()
-                if m == method and col == column
-            ]
-            row.append(_mean_std(per_seed))
+        row = [method] + [_mean_std(per_seed(method, str(k))) for k in columns]
+        owner = ceilings.get(method)
+        if has_all:
+            own = owner == method or owner is None
+            text = _mean_std(per_seed(method if own else owner, ALL))
+            row.append(text if own or text == "–" else f"({text})")
+        if gap:
+            row.append(_gap(per_seed(method, str(columns[-1])), per_seed(owner, ALL) if owner else []))
         if cost:
             row += _cost_cells([d.cost for d in mine if d.cell.label == method])
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _gap(few: Sequence[float], ceiling: Sequence[float]) -> str:
+    """Mean over seeds of the few-shot values minus that of the ceiling (``–`` when either is missing)."""
+    a, b = _mean(list(few)), _mean(list(ceiling))
+    return f"{a - b:+.3f}" if math.isfinite(a) and math.isfinite(b) else "–"
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -165,12 +184,20 @@ def _cost_cells(costs: Sequence[CellCost]) -> list[str]:
 
 
 def markdown(cells: Sequence[CellResult], metrics: Sequence[str] = ("dice",), title: str = "") -> str:
-    """All tables: per task group, the Dice table with cost columns, then one table per other metric."""
-    groups = list(dict.fromkeys(d.cell.group for d in _ordered(cells)))
+    """All tables: per task group, the Dice table with cost columns, then one table per other metric;
+    then, when a group has several tasks, one Dice table per task."""
+    ordered = _ordered(cells)
+    groups = list(dict.fromkeys(d.cell.group for d in ordered))
     parts = [f"# {title}"] if title else []
     for group in groups:
         parts.append(group_table(cells, group, "dice"))
         parts += [group_table(cells, group, m, cost=False) for m in metrics if m != "dice"]
+    tasks = list(dict.fromkeys(d.cell.task for d in ordered))
+    if len(tasks) > len(groups):
+        parts.append("## Per task")
+        for task in tasks:
+            mine = [d for d in ordered if d.cell.task == task]
+            parts.append(group_table(mine, mine[0].cell.group, "dice", cost=False))
     return "\n\n".join(parts) + "\n"
 
 

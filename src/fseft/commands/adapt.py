@@ -153,6 +153,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tx.add_argument("--lambda", dest="tx_lambda", type=float, default=None, help="penalty weight (default 0.1)")
     tx.add_argument("--margin", type=float, default=None, help="relative margin around the prior (default 0.3)")
     tx.add_argument("--tx-warmup", type=int, default=None, help="supervised epochs before the constraint (default 50)")
+    tx.add_argument(
+        "--tx-prior",
+        choices=("proportion", "volume"),
+        default=None,
+        help="size prior: proportion of the body (the paper's), or volume in ml converted to each "
+        "query's body (steady across fields of view) (default proportion)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -161,7 +168,7 @@ def _tx_config(args: argparse.Namespace) -> Any:
 
     mode = args.tx_mode or ("batch" if args.transductive is not None else None)
     options = {"constraint": args.constraint, "lam": args.tx_lambda, "margin": args.margin,
-               "warmup_epochs": args.tx_warmup}  # fmt: skip
+               "warmup_epochs": args.tx_warmup, "prior": args.tx_prior}  # fmt: skip
     given = {key: value for key, value in options.items() if value is not None}
     if mode is None:
         if given:
@@ -181,7 +188,8 @@ def _tx_config(args: argparse.Namespace) -> Any:
 
 
 #: transductive flag -> its TransductiveConfig field
-_TX_FLAGS = {"--constraint": "constraint", "--lambda": "lam", "--margin": "margin", "--tx-warmup": "warmup_epochs"}
+_TX_FLAGS = {"--constraint": "constraint", "--lambda": "lam", "--margin": "margin", "--tx-warmup": "warmup_epochs",
+             "--tx-prior": "prior"}  # fmt: skip
 
 
 def _config(args: argparse.Namespace) -> AdaptCommandConfig:

@@ -18,8 +18,8 @@ class BenchmarkCommandConfig:
         protocol: Protocol YAML or shipped protocol name (None with ``merge``).
         out: Output folder.
         shard: ``"i/n"`` or None.
-        support: Support-pool manifest for every task.
-        query: Query manifest for every task.
+        support: Support-pool manifest for every task (replaces the protocol's pool).
+        query: Query manifest for every task (replaces the protocol's queries).
         data_root: Folder the protocol's data paths are relative to.
         model: Model name or file replacing the protocol's.
         merge: Benchmark folders whose cells are merged into ``out`` (no computation).
@@ -63,8 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("protocol", nargs="?", metavar="PROTOCOL", help="protocol YAML or shipped protocol name")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (resumes from it)")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (1-based) of the grid")
-    p.add_argument("--support", type=Path, metavar="MANIFEST", help="support-pool manifest for every task")
-    p.add_argument("--query", type=Path, metavar="MANIFEST", help="query manifest for every task")
+    p.add_argument("--support", type=Path, metavar="MANIFEST",
+                   help="support-pool manifest for every task (the queries stay the protocol's unless --query)")
+    p.add_argument("--query", type=Path, metavar="MANIFEST",
+                   help="query manifest for every task, e.g. another folder's OpenKBP cases.csv (the support "
+                   "pool stays where the protocol says unless --support)")  # fmt: skip
     p.add_argument("--data-root", type=Path, metavar="DIR",
                    help="folder the protocol's manifests are relative to (synthetic: where the assembly is "
                    "generated; default OUT/data)")  # fmt: skip

@@ -98,6 +98,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("hinge", "log-barrier"),
         help="penalty of --transductive (default: the one stored with the adapter's size prior)",
     )
+    parser.add_argument(
+        "--tx-prior",
+        choices=("proportion", "volume"),
+        help="size prior of --transductive: proportion of the body, or volume in ml converted to each "
+        "input's body (default: the one stored in the adapter)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -110,11 +116,12 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..inference import OutputConfig, PredictConfig, Provenance, find_inputs, predict_files
     from ..inference.formats import get_format
+    from ..models.feature_store import FeatureStore
     from ..outputs import plan_outputs
 
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies
-    if args.constraint and not args.transductive:
-        raise ConfigError("--constraint needs --transductive")
+    if (args.constraint or args.tx_prior) and not args.transductive:
+        raise ConfigError("--constraint and --tx-prior need --transductive")
     plan_outputs(folders=[args.out])
     config = PredictConfig(
         overlap=args.overlap,
@@ -137,11 +144,13 @@ def run(args: argparse.Namespace) -> int:
     named = any(get_format(name).needs_series for name in output.formats)  # DICOM outputs name their maker
     provenance = Provenance.of(model, args.model or DEFAULT_MODEL, args.adapter) if named else None
     console = Console(stderr=True)
-    refiner = (_refiner(model, args.adapter, args.device, args.constraint) if args.transductive
+    store = FeatureStore() if args.transductive else None  # in memory: refinement and prediction share the backbone
+    refiner = (_refiner(model, args.adapter, args.device, args.constraint, args.tx_prior, store) if args.transductive
                else contextlib.nullcontext())  # fmt: skip
     with _PredictProgress(console, len(inputs)) as (on_case, on_window), refiner:
         written = predict_files(model, inputs, output, config=config, on_case=on_case, progress=on_window,
-                                refine=refiner.refine if args.transductive else None, provenance=provenance)  # fmt: skip
+                                refine=refiner.refine if args.transductive else None, provenance=provenance,
+                                features=store)  # fmt: skip
     cases = sum(1 for p in written if p.name != "labels.json")
     console.print(f"wrote {cases} file(s) for {len(inputs)} case(s) to {args.out}")
     for r in getattr(refiner, "reports", []):
@@ -154,10 +163,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refiner(model: Any, adapter: Path | None, device: str, constraint: str | None) -> Any:
+def _refiner(
+    model: Any, adapter: Path | None, device: str, constraint: str | None, prior: str | None, store: Any
+) -> Any:
     """A per-query refiner using the size priors (and options) stored in the adapter file.
 
-    ``constraint`` replaces the stored penalty when given.
+    ``constraint`` and ``prior`` replace the stored penalty and prior kind when given; ``store`` keeps
+    each input's backbone windows for its prediction.
     """
     from dataclasses import replace
 
@@ -174,7 +186,10 @@ def _refiner(model: Any, adapter: Path | None, device: str, constraint: str | No
     cfg = replace(transductive_options(header, adapter) or TransductiveConfig(), mode="per-query")
     if constraint:
         cfg = replace(cfg, constraint=constraint)
-    return PerQueryRefiner(model.to(resolve_device(device)), priors_from_header(header, str(adapter)), cfg)
+    if prior:
+        cfg = replace(cfg, prior=prior)
+    return PerQueryRefiner(model.to(resolve_device(device)), priors_from_header(header, str(adapter)), cfg,
+                           features=store)  # fmt: skip
 
 
 def _load(name: str | None, adapter: Path | None, allow_partial: bool) -> Any:

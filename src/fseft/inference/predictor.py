@@ -27,6 +27,7 @@ from ..data.transforms import LoadCased, Pipeline, preprocess_transforms
 from ..data.validate import validate_ct
 from ..errors import ConfigError
 from ..models import FoundationModel, sliding_window_logits
+from ..models.feature_store import FeatureStore, blend_windows
 from ..runtime import autocast, resolve_amp, resolve_device
 from . import postprocess
 
@@ -185,9 +186,11 @@ def count_windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) 
 
 
 class _Counted(nn.Module):
-    """Wraps a model for the sliding window: float32 logits, and a callback per batch of windows."""
+    """Wraps a model (or its head on stored features) for the sliding window: float32 logits, and a
+    callback per batch of windows."""
 
-    def __init__(self, model: nn.Module, progress: WindowProgress | None, total: int) -> None:
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], progress: WindowProgress | None,
+                 total: int) -> None:  # fmt: skip
         super().__init__()
         self.model = model
         self.progress = progress
@@ -235,6 +238,13 @@ def mirror_for(structures: tuple[str, ...], orientation: str) -> Mirror | None:
     return Mirror(dim, tuple(structures.index(sides.get(name, name)) for name in structures))
 
 
+def frozen_features(model: nn.Module) -> bool:
+    """True when ``model`` runs a head on the unchanged features of its foundation model: it has
+    ``features``, ``forward_features``, ``base_fingerprint`` and ``frozen_features`` (an adapted
+    model of a black-box method), so its backbone windows can come from a :class:`FeatureStore`."""
+    return bool(getattr(model, "frozen_features", False))
+
+
 def model_grid_probabilities(
     model: nn.Module,
     x: torch.Tensor,
@@ -244,6 +254,7 @@ def model_grid_probabilities(
     config: PredictConfig,
     progress: WindowProgress | None = None,
     mirror: Mirror | None = None,
+    features: FeatureStore | None = None,
 ) -> torch.Tensor:
     """Probabilities ``[C, X, Y, Z]`` (CPU float32) on the model grid, averaged over flips with TTA.
 
@@ -256,6 +267,9 @@ def model_grid_probabilities(
         progress: Called after every batch of windows with ``(done, total)``.
         mirror: The left-right axis and how a pass flipped along it maps channels back
             (:func:`mirror_for`); ``None``: no sided structures, every flip is used as is.
+        features: Where the frozen backbone's windows are kept for a model with
+            :func:`frozen_features`: they are computed once per (model, volume, layout) and the head
+            replays them with the same blending (bit-equal to running the whole model per window).
 
     Returns:
         The probabilities (``C`` = structures, plus background first for multiclass).
@@ -266,21 +280,27 @@ def model_grid_probabilities(
     flips = [()] + [c for n in (1, 2, 3) for c in itertools.combinations((2, 3, 4), n)] if config.tta else [()]
     if mirror is not None and mirror.channels is None:
         flips = [dims for dims in flips if mirror.dim not in dims]
-    counted = _Counted(model, progress, count_windows(tuple(x.shape[2:]), roi, config.overlap) * len(flips))
+    stored = features is not None and frozen_features(model)
+    windows = count_windows(tuple(x.shape[2:]), roi, config.overlap) * len(flips)
+    counted = _Counted(model.forward_features if stored else model, progress, windows)
     model.eval().to(device)
     x = x.to(device)
     total: torch.Tensor | None = None
     with torch.no_grad(), autocast(device, amp):
         for dims in flips:
-            logits = sliding_window_logits(
-                counted,
-                x.flip(dims) if dims else x,
-                roi,
-                overlap=config.overlap,
-                sw_batch_size=config.sw_batch_size,
-                mode=config.blend,
-                device=out_device,
-            ).float()
+            xi = x.flip(dims) if dims else x
+            if stored:
+                assert features is not None
+                cached = features.windows(model.features, str(model.base_fingerprint), xi, roi, overlap=config.overlap,
+                                          sw_batch_size=config.sw_batch_size,
+                                          variant="" if amp == "off" else f"amp={amp}")  # fmt: skip
+                logits = blend_windows(cached, counted, xi, roi, overlap=config.overlap,
+                                       sw_batch_size=config.sw_batch_size, mode=config.blend, device=out_device)  # fmt: skip
+            else:
+                logits = sliding_window_logits(counted, xi, roi, overlap=config.overlap,
+                                               sw_batch_size=config.sw_batch_size, mode=config.blend,
+                                               device=out_device)  # fmt: skip
+            logits = logits.float()
             probs = logits.softmax(1) if task == "multiclass" else logits.sigmoid_()
             probs = probs.flip(dims) if dims else probs
             if mirror is not None and mirror.dim in dims:
@@ -298,6 +318,7 @@ def predict_image(
     config: PredictConfig | None = None,
     progress: WindowProgress | None = None,
     refine: RefineHook | None = None,
+    features: FeatureStore | None = None,
 ) -> Prediction:
     """Segment one image and return the result on the image's own grid.
 
@@ -308,6 +329,7 @@ def predict_image(
         config: Inference options (defaults: :class:`PredictConfig`).
         progress: Called with ``(windows done, windows total)`` during the sliding window.
         refine: Called with the preprocessed ``[1, X, Y, Z]`` image before the model predicts it.
+        features: Frozen-backbone windows to reuse (:func:`model_grid_probabilities`).
 
     Returns:
         The :class:`Prediction` (label map with the image's shape and affine).
@@ -323,7 +345,7 @@ def predict_image(
     if refine is not None:
         refine(x[0])
     probs = model_grid_probabilities(model, x, task=task, roi=pre.roi, config=config, progress=progress,
-                                     mirror=mirror_for(structures, pre.orientation))  # fmt: skip
+                                     mirror=mirror_for(structures, pre.orientation), features=features)  # fmt: skip
     del x
     array = probs.numpy()
     mapping = postprocess.grid_mapping(model_affine, image.affine)

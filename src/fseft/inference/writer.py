@@ -21,6 +21,7 @@ from torch import nn
 from ..data.dicom_series import DicomSeries, read_series
 from ..data.io import read_image
 from ..errors import ConfigError, DataError, FseftError
+from ..models.feature_store import FeatureStore
 from .formats import LABELS_JSON, OUTPUT_FORMATS, Provenance, get_format, labels_mapping
 from .inputs import PredictInput, find_inputs
 from .predictor import PredictConfig, Prediction, WindowProgress, describe_model, predict_image
@@ -165,6 +166,7 @@ def predict_files(
     progress: WindowProgress | None = None,
     provenance: Provenance | None = None,
     refine: CaseRefineHook | None = None,
+    features: FeatureStore | None = None,
 ) -> list[Path]:
     """Predict files, folders, DICOM series or manifest cases and write the results.
 
@@ -183,6 +185,7 @@ def predict_files(
         provenance: What the DICOM outputs say produced them (default: ``model``'s, unnamed).
         refine: Called with each case's name and preprocessed image before it is predicted (e.g.
             :meth:`fseft.adapt.transductive.PerQueryRefiner.refine`).
+        features: Frozen backbone windows to reuse (the refinement's, for a black-box adapter).
 
     Returns:
         Every file written.
@@ -206,7 +209,8 @@ def predict_files(
             if on_case is not None:
                 on_case(index, len(items), item)
             hook = None if refine is None else functools.partial(refine, item.name)
-            prediction = predict_image(model, read_image(item.path), config=config, progress=progress, refine=hook)
+            prediction = predict_image(model, read_image(item.path), config=config, progress=progress, refine=hook,
+                                       features=features)  # fmt: skip
         except FseftError as e:
             if index == 0:
                 raise

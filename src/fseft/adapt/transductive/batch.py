@@ -21,7 +21,7 @@ from ...errors import ConfigError
 from ..model import AdaptedModel
 from ..trainer import EpochReport
 from .config import QueryReport, TransductiveConfig, TransductiveResult
-from .features import QueryFeatures, check_black_box, penalty, predicted_proportions, prior_tensor
+from .features import QueryFeatures, check_black_box, penalty, predicted_proportions, query_prior
 from .priors import SizePrior
 
 
@@ -57,7 +57,7 @@ class BatchConstraint:
             raise ConfigError("transductive batch mode needs at least one query volume")
         self.adapted = adapted
         self.queries = list(queries)
-        self.prior = prior_tensor(adapted, priors)
+        self.priors = [query_prior(adapted, priors, q, cfg.prior) for q in self.queries]
         self.cfg = cfg
         self.params = [p for p in adapted.parameters() if p.requires_grad]
         self.pending: list[torch.Tensor | None] = [None] * len(self.params)
@@ -122,10 +122,10 @@ class BatchConstraint:
         total: list[torch.Tensor] = [torch.zeros_like(p) for p in self.params]
         current = []
         with torch.enable_grad():
-            for q in self.queries:
+            for q, prior in zip(self.queries, self.priors, strict=True):
                 p_hat = predicted_proportions(self.adapted, q)
                 current.append(p_hat.detach().cpu().tolist())
-                loss = penalty(p_hat, self.prior, self.cfg, self.computed) / len(self.queries)
+                loss = penalty(p_hat, prior, self.cfg, self.computed) / len(self.queries)
                 if loss.requires_grad:
                     grads = torch.autograd.grad(loss, self.params, allow_unused=True)
                     total = [t + g if g is not None else t for t, g in zip(total, grads, strict=True)]
@@ -140,11 +140,10 @@ class BatchConstraint:
         """Per-query predicted vs prior proportions (before: at the first constraint step; after: now)."""
         after = self.proportions()
         before = self.before or after
-        prior = self.prior.cpu().tolist()
         structures = list(self.adapted.structures)
         return [
-            QueryReport(q.name, structures, prior, b, a, self.applied)
-            for q, b, a in zip(self.queries, before, after, strict=True)
+            QueryReport(q.name, structures, prior.cpu().tolist(), b, a, self.applied)
+            for q, prior, b, a in zip(self.queries, self.priors, before, after, strict=True)
         ]
 
     def record(self, result: TransductiveResult) -> None:

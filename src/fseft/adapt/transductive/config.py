@@ -12,6 +12,9 @@ from .constraints import get_constraint
 from .priors import SizePrior, priors_to_record
 
 MODES = ("batch", "per-query")
+#: What a size prior constrains: the paper's proportion of the body, or an absolute volume in ml
+#: converted per query to a proportion of that query's body.
+PRIORS = ("proportion", "volume")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class TransductiveConfig:
         mode: ``"batch"`` (all queries together, during adaptation) or ``"per-query"`` (a fresh
             refinement of the adapter for each query, before predicting it).
         constraint: ``"hinge"`` or ``"log-barrier"`` (:mod:`.constraints`).
+        prior: ``"proportion"`` (the paper's: the mean fraction of the body the structure occupies in
+            the support volumes, the same for every query) or ``"volume"`` (its mean volume in ml,
+            divided per query by that query's body volume: steady when fields of view differ).
         lam: Weight of the penalty (relative to the supervised Dice loss in batch mode).
         margin: Relative half-width ``m`` of the band ``[(1 - m), (1 + m)] * prior``.
         warmup_epochs: Batch mode: supervised epochs before the first constraint step.
@@ -45,6 +51,7 @@ class TransductiveConfig:
 
     mode: str = "batch"
     constraint: str = "hinge"
+    prior: str = "proportion"
     lam: float = 0.1
     margin: float = 0.3
     warmup_epochs: int = 50
@@ -60,6 +67,8 @@ class TransductiveConfig:
         if self.mode not in MODES:
             raise ConfigError(f"unknown transductive mode {self.mode!r}; choose one of: {', '.join(MODES)}")
         get_constraint(self.constraint)
+        if self.prior not in PRIORS:
+            raise ConfigError(f"unknown size prior {self.prior!r}; choose one of: {', '.join(PRIORS)}")
         if not self.lam > 0 or not 0 <= self.margin < 1 or (self.lr is not None and not self.lr > 0):
             raise ConfigError(
                 f"lambda and lr must be > 0 and margin in [0, 1), got {self.lam}, {self.lr}, {self.margin}"
@@ -143,4 +152,4 @@ class TransductiveResult:
         return {**priors_to_record(self.priors), "transductive": {"config": to_dict(self.config), **self.run_record()}}
 
 
-__all__ = ["MODES", "QueryReport", "TransductiveConfig", "TransductiveResult"]
+__all__ = ["MODES", "PRIORS", "QueryReport", "TransductiveConfig", "TransductiveResult"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +21,7 @@ from ...config import PreprocessConfig
 from ...data.cases import Case
 from ...data.dataset import PreprocessedCache
 from ...errors import ConfigError
+from ...models.feature_store import FeatureStore
 from ..feature_cache import FeatureCache
 from ..model import AdaptedModel
 from .config import TransductiveConfig
@@ -35,11 +37,13 @@ class QueryFeatures:
         name: Query name.
         features: ``[1, F, x, y, z]`` float32 (pooled) feature map.
         weights: ``[1, 1, x, y, z]`` fraction of body voxels of each (pooled) feature voxel.
+        body_ml: Volume of the query's body (``image > 0`` on the model grid) in ml.
     """
 
     name: str
     features: torch.Tensor
     weights: torch.Tensor
+    body_ml: float
 
 
 def check_black_box(adapted: AdaptedModel) -> None:
@@ -63,7 +67,12 @@ def check_black_box(adapted: AdaptedModel) -> None:
 
 @torch.no_grad()
 def query_features(
-    adapted: AdaptedModel, images: Sequence[torch.Tensor], names: Sequence[str], cfg: TransductiveConfig
+    adapted: AdaptedModel,
+    images: Sequence[torch.Tensor],
+    names: Sequence[str],
+    cfg: TransductiveConfig,
+    *,
+    store: FeatureStore | None = None,
 ) -> list[QueryFeatures]:
     """Whole-volume frozen features of preprocessed query images, pooled by ``cfg.pool``.
 
@@ -72,6 +81,7 @@ def query_features(
         images: ``[1, X, Y, Z]`` preprocessed query volumes.
         names: One name per image.
         cfg: Options (``pool``, ``feature_overlap``, ``sw_batch_size``).
+        store: Reuse (and keep) the frozen backbone's windows of each query there.
 
     Returns:
         One :class:`QueryFeatures` per image, on the model's device.
@@ -82,6 +92,7 @@ def query_features(
     check_black_box(adapted)
     device = next(adapted.parameters()).device
     roi = tuple(int(r) for r in adapted.base.config.preprocess.roi)
+    voxel_ml = float(np.prod(adapted.base.config.preprocess.spacing)) / 1000.0
     was_training = adapted.training
     adapted.eval()
     out = []
@@ -94,13 +105,16 @@ def query_features(
                 overlap=cfg.feature_overlap,
                 sw_batch_size=cfg.sw_batch_size,
                 device=device,
+                store=store,
+                fingerprint=adapted.base_fingerprint,
             ) as cache:
                 features = cache.volume(0)[None].to(device)
             weights = (image > 0).float()[None].to(device)
+            body_ml = float(weights.sum()) * voxel_ml
             if cfg.pool > 1:
                 features = F.avg_pool3d(features, cfg.pool, ceil_mode=True)
                 weights = F.avg_pool3d(weights, cfg.pool, ceil_mode=True)
-            out.append(QueryFeatures(name, features, weights))
+            out.append(QueryFeatures(name, features, weights, body_ml))
     finally:
         adapted.train(was_training)
     return out
@@ -149,6 +163,28 @@ def prior_tensor(adapted: AdaptedModel, priors: Sequence[SizePrior]) -> torch.Te
     return torch.tensor([by_name[s] for s in adapted.structures], dtype=torch.float32, device=device)
 
 
+def query_prior(
+    adapted: AdaptedModel, priors: Sequence[SizePrior], query: QueryFeatures, kind: str
+) -> torch.Tensor:
+    """The prior proportions ``[S]`` one query is held to.
+
+    ``"proportion"``: the support's mean proportion of the body (the same for every query);
+    ``"volume"``: the support's mean volume in ml divided by this query's body volume (at most 1), so
+    a query showing more of the patient (a longer scan) gets a smaller proportion, as it should.
+
+    Raises:
+        ConfigError: an unknown kind, or structures without a prior.
+    """
+    proportion = prior_tensor(adapted, priors)
+    if kind == "proportion":
+        return proportion
+    if kind != "volume":
+        raise ConfigError(f"unknown size prior {kind!r}; choose proportion or volume")
+    by_name = {p.structure: p.volume_ml for p in priors}
+    ml = torch.tensor([by_name[s] for s in adapted.structures], dtype=torch.float32, device=proportion.device)
+    return (ml / max(query.body_ml, 1e-6)).clamp(max=1.0)
+
+
 def penalty(p_hat: torch.Tensor, prior: torch.Tensor, cfg: TransductiveConfig, step: int) -> torch.Tensor:
     """``lam * mean`` of the configured penalty over structures, at constraint step ``step``."""
     return cfg.lam * get_constraint(cfg.constraint)(p_hat, prior, cfg.margin, cfg.temperature(step)).mean()
@@ -184,6 +220,7 @@ __all__ = [
     "penalty",
     "predicted_proportions",
     "prior_tensor",
+    "query_prior",
     "query_features",
     "soft_and_mask_proportions",
 ]

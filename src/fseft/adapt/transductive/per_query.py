@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from ...errors import ConfigError
+from ...models.feature_store import FeatureStore
 from ..model import AdaptedModel
 from .config import QueryReport, TransductiveConfig
 from .features import (
@@ -32,6 +33,7 @@ from .features import (
     penalty,
     prior_tensor,
     query_features,
+    query_prior,
     soft_and_mask_proportions,
 )
 from .priors import SizePrior
@@ -54,7 +56,8 @@ def refine(
         adapted: The adapted model (black-box method); modified in place.
         query: The query's features.
         priors: One size prior per target structure.
-        cfg: Options (``steps``, ``lr``, ``constraint``, ``lam``, ``margin``, ``t0``, ``t_growth``).
+        cfg: Options (``steps``, ``lr``, ``constraint``, ``prior``, ``lam``, ``margin``, ``t0``,
+            ``t_growth``).
 
     Returns:
         The query's :class:`QueryReport` (``steps``: the Adam steps that led to the kept iterate).
@@ -63,7 +66,7 @@ def refine(
         ConfigError: a method that is not black-box, or a structure without a prior.
     """
     check_black_box(adapted)
-    prior = prior_tensor(adapted, priors)
+    prior = query_prior(adapted, priors, query, cfg.prior)
     params = [p for p in adapted.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr if cfg.lr is not None else adapted.lr)
     was_training = adapted.training
@@ -110,17 +113,27 @@ class PerQueryRefiner:
         adapted: The adapted model (black-box method); refined in place, restored on exit.
         priors: One size prior per target structure.
         cfg: Options (``mode`` is not consulted).
+        features: Reuse (and keep) each query's frozen backbone windows there, so prediction,
+            given the same store, replays them instead of running the backbone a second time.
 
     Raises:
         ConfigError: a method that is not black-box, or a structure without a prior.
     """
 
-    def __init__(self, adapted: AdaptedModel, priors: Sequence[SizePrior], cfg: TransductiveConfig) -> None:
+    def __init__(
+        self,
+        adapted: AdaptedModel,
+        priors: Sequence[SizePrior],
+        cfg: TransductiveConfig,
+        *,
+        features: FeatureStore | None = None,
+    ) -> None:
         check_black_box(adapted)
         prior_tensor(adapted, priors)
         self.adapted = adapted
         self.priors = tuple(priors)
         self.cfg = cfg
+        self.features = features
         self.reports: list[QueryReport] = []
         self._snapshot: dict[str, torch.Tensor] = {}
 
@@ -148,7 +161,7 @@ class PerQueryRefiner:
             raise ConfigError("PerQueryRefiner.refine must be called inside its 'with' block")
         start = time.perf_counter()
         self._restore()
-        (query,) = query_features(self.adapted, [image], [name], self.cfg)
+        (query,) = query_features(self.adapted, [image], [name], self.cfg, store=self.features)
         report = refine(self.adapted, query, self.priors, self.cfg)
         report.seconds = time.perf_counter() - start
         self.reports.append(report)

@@ -305,6 +305,8 @@ def _summary(record: Any, cfg: AdaptCommandConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ..report.groups import format_bytes
+
     table = Table(title=f"fseft adapt: {', '.join(record.structures)}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -324,17 +326,10 @@ def _summary(record: Any, cfg: AdaptCommandConfig) -> None:
             "peak memory",
             f"{record.peak_memory_bytes / 2**20:,.0f} MiB ({record.memory_kind}, {record.device})",
         ),
-        ("adapter", f"{cfg.out} ({_size(cfg.out.stat().st_size)})"),
+        ("adapter", f"{cfg.out} ({format_bytes(cfg.out.stat().st_size)})"),
         ("record", str(cfg.record_path)),
     ]
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
 
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"

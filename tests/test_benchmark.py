@@ -43,7 +43,8 @@ pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def protocol_dict(**changes) -> dict:
-    """A 10-cell grid: zero-shot (k-independent), linear-probe, transductive spatial-adapter; k 1, 2; 2 seeds."""
+    """A 9-cell grid: zero-shot (k-independent, deterministic: one cell), linear-probe, transductive
+    spatial-adapter; k 1, 2; 2 seeds."""
     data = {
         "name": "tiny",
         "data": {"source": "manifest", "sources": [{"manifest": "manifest.csv"}], "query_count": 2},
@@ -147,8 +148,10 @@ def test_plan_split_and_cells(workspace, tmp_path):
     assert [c.case_id for c in task.pool] == ["case0", "case1", "case2", "case3"]
     assert [c.case_id for c in task.queries] == ["case4", "case5"]
     labels = [(c.label, c.k, c.seed) for c in p.cells]
-    # zero-shot trains nothing: one cell per seed stands for every k
-    assert labels[:2] == [("zero-shot", 1, 0), ("zero-shot", 1, 1)] and len(p.cells) == 10
+    # zero-shot trains nothing: one cell stands for every k and seed; the first seed's cells come first
+    assert labels[:5] == [("zero-shot", 1, 0), ("linear-probe", 1, 0), ("linear-probe", 2, 0),
+                          ("spatial-adapter +TI", 1, 0), ("spatial-adapter +TI", 2, 0)]  # fmt: skip
+    assert [seed for _, _, seed in labels[5:]] == [1, 1, 1, 1] and len(p.cells) == 9
     halves = shard(p.cells, "1/2") + shard(p.cells, "2/2")
     assert sorted(c.cell_id for c in halves) == sorted(c.cell_id for c in p.cells)
     with pytest.raises(ConfigError, match="--shard must be 'i/n'"):
@@ -187,7 +190,7 @@ def test_totalsegmentator_plans_on_a_fake_tree(tmp_path):
     assert p.task("lung_lobes").spec.structures[0] == "lung_upper_lobe_left"
     seeds, ks = len(protocol.seeds), len(protocol.k)
     trained = len(protocol.methods) - 1  # all but zero-shot
-    expected = 9 * (seeds + trained * ks * seeds + seeds) + 3 * (trained * ks * seeds + seeds)
+    expected = 9 * (1 + trained * ks * seeds + seeds) + 3 * (trained * ks * seeds + seeds)  # zero-shot: 1 cell
     assert len(p.cells) == expected
     assert p.model == "swinunetr48.fseft"
 
@@ -257,7 +260,7 @@ def test_per_query_transductive_cell_refines_each_query(workspace, tmp_path, mon
 @pytest.mark.slow
 def test_outputs_and_tables(reference):
     cells = read_cells([reference])
-    assert len(cells) == 10
+    assert len(cells) == 9
     cell = next(c for c in cells if c.cell.label == "spatial-adapter +TI")
     assert cell.record["transductive"]["constraint_steps"] >= 1 and "size_priors" in cell.record
     assert cell.record["transductive"]["constraint_time_s"] > 0
@@ -267,7 +270,7 @@ def test_outputs_and_tables(reference):
     assert CellResult.from_dict(stored, "cell") == cell and cell.to_dict() == stored  # the file's shape, typed
     with open(reference / "results_per_case.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 20 and {
+    assert len(rows) == 18 and {
         "task",
         "method",
         "decoder",
@@ -290,7 +293,7 @@ def test_outputs_and_tables(reference):
     page = (reference / "report.html").read_text(encoding="utf-8")
     assert "Base structures (pancreas)" in page and "trainable parameters" in page
     assert "alt=\"query case case4: pancreas predictions\"" in page  # drawn from the kept snapshots
-    assert len(list((reference / "snapshots").glob("*.npz"))) == 10
+    assert len(list((reference / "snapshots").glob("*.npz"))) == 9
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ augmentation is applied: flipping an image is not flipping its features, so the 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class AdaptTrainConfig:
 
     Args:
         max_epochs: Upper bound on epochs (an epoch is one pass over the k support volumes).
+        max_steps: Upper bound on optimiser steps (one support volume each), whatever k: a fixed
+            compute budget per adaptation (:meth:`epochs_for`); None: ``max_epochs * k`` steps.
         num_samples: Random ROI crops per volume per step.
         pos: Weight of crops centred on a target voxel.
         neg: Weight of crops centred on a background (body) voxel.
@@ -74,6 +77,7 @@ class AdaptTrainConfig:
     """
 
     max_epochs: int = 200
+    max_steps: int | None = None
     num_samples: int = 6
     pos: float = 1.0
     neg: float = 1.0
@@ -95,6 +99,8 @@ class AdaptTrainConfig:
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.num_samples < 1 or self.warmup_epochs < 0:
             raise ConfigError("max_epochs and num_samples must be >= 1 and warmup_epochs >= 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.pos < 0 or self.neg < 0 or self.pos + self.neg <= 0:
             raise ConfigError(f"pos/neg must be non-negative with a positive sum, got {self.pos}, {self.neg}")
         if self.weight_decay < 0 or self.dice_smooth <= 0:
@@ -108,6 +114,13 @@ class AdaptTrainConfig:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(valid)}")
         if not 0 <= self.feature_overlap < 1 or self.feature_memory_gb < 0 or self.sw_batch_size < 1:
             raise ConfigError("feature_overlap must be in [0, 1), feature_memory_gb >= 0, sw_batch_size >= 1")
+
+    def epochs_for(self, k: int) -> int:
+        """Epochs of an adaptation on ``k`` support volumes: ``max_epochs``, or fewer when ``max_steps``
+        caps the steps (rounded up to whole epochs, so every volume is seen equally often)."""
+        if self.max_steps is None:
+            return self.max_epochs
+        return max(1, min(self.max_epochs, math.ceil(self.max_steps / max(1, k))))
 
 
 @dataclass(frozen=True)
@@ -345,12 +358,13 @@ def _epochs(
     k = len(volumes)
     params = [p for p in adapted.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    total = cfg.max_epochs * k
+    epochs = cfg.epochs_for(k)
+    total = epochs * k
     scheduler = warmup_cosine(optimizer, min(cfg.warmup_epochs * k, total - 1), total)
     loss_fn = make_loss(task, cfg.dice_smooth)
     stopper = PlateauStopper(cfg.es_window, cfg.es_patience, cfg.es_min_delta)
     start = time.perf_counter()
-    for epoch in range(cfg.max_epochs):
+    for epoch in range(epochs):
         adapted.train()
         losses = []
         for i in np.random.default_rng([seed, epoch]).permutation(k):
@@ -379,7 +393,7 @@ def _epochs(
         watched = val_loss if monitor == "val" and val_loss is not None else result.loss_curve[-1]
         plateau = stopper.update(watched) and cfg.early_stopping
         report = EpochReport(
-            "train", epoch + 1, cfg.max_epochs, result.loss_curve[-1], val_loss, result.train_time_s, plateau
+            "train", epoch + 1, epochs, result.loss_curve[-1], val_loss, result.train_time_s, plateau
         )
         restart = hook.after_epoch(report) if hook is not None else False
         if progress is not None:

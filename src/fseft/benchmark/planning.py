@@ -95,7 +95,9 @@ class Plan:
         model: Model name or file the cells adapt.
         data_root: Folder protocol paths are relative to.
         tasks: Cases of every task, in protocol order.
-        cells: The whole grid, in a deterministic order (task, method, k, seed).
+        cells: The whole grid, in a deterministic order: seed, then task, method and k (the first seed's
+            cells come first, so a partial or interrupted run already fills every row of the table
+            once). Methods that train nothing (zero-shot) are deterministic: one cell, the first seed.
     """
     protocol: Protocol
     model: str
@@ -391,12 +393,13 @@ def _cells(protocol: Protocol, tasks: Sequence[TaskCases]) -> list[Cell]:
                 sizes = [(min(ks), False)]
             elif spec.all_train and len(task.pool) not in ks:
                 sizes.append((len(task.pool), True))
+            seeds = protocol.seeds[:1] if get_method(spec.method).paper_lr is None else protocol.seeds  # deterministic
             for k, everything in sizes:
-                for seed in protocol.seeds:
+                for seed in seeds:
                     cells.append(
                         Cell(task.spec.name, task.spec.group, ti, mi, spec.row_label, k, everything, seed)
                     )
-    return cells
+    return sorted(cells, key=lambda c: protocol.seeds.index(c.seed))  # seed-major: a partial run is a whole table
 
 
 __all__ = ["ALL", "Cell", "Plan", "TaskCases", "natural_key", "plan", "shard"]

@@ -1,7 +1,7 @@
 """Batch-mode constrained transductive adaptation: the size constraint on all query volumes,
 combined with the supervised Dice loss during few-shot training (``fseft adapt --transductive QUERIES``).
 
-After ``warmup_epochs`` supervised epochs (or earlier, at the epoch where the supervised loss
+After ``warmup_epochs`` supervised epochs (at most half of the epochs the training runs; or earlier, at the epoch where the supervised loss
 plateaus: early stopping then restarts for the constrained phase), once per epoch, the gradient of
 ``lam * mean_{query, structure} penalty`` is added to the next supervised Dice step, so that step
 minimises ``Dice + lam * penalty`` with the trainer's own AdamW optimiser and schedule (the paper's
@@ -28,7 +28,8 @@ from .priors import SizePrior
 class BatchConstraint:
     """Batch-mode constraint steps during supervised training, through the trainer's progress callback.
 
-    After every training epoch from ``cfg.warmup_epochs`` on, or from the first epoch where the
+    After every training epoch from ``cfg.warmup_epochs`` on (or from half of the training's epochs
+    when that comes first), or from the first epoch where the
     supervised loss plateaus (the trainer's early stopping then restarts, so the constrained phase is
     not cut short by the supervised plateau), the gradient of
     ``lam * mean_{query, structure} penalty`` is computed (query by query, so memory holds one query
@@ -99,7 +100,8 @@ class BatchConstraint:
         """
         restart = False
         if report.stage == "train":
-            if not self.started and (report.epoch >= self.cfg.warmup_epochs or report.plateau):
+            warmup = min(self.cfg.warmup_epochs, max(1, report.total // 2))  # short runs: the second half
+            if not self.started and (report.epoch >= warmup or report.plateau):
                 self.started, restart = True, report.plateau
             if self.started:
                 self.step()

@@ -35,7 +35,8 @@ class TransductiveConfig:
             divided per query by that query's body volume: steady when fields of view differ).
         lam: Weight of the penalty (relative to the supervised Dice loss in batch mode).
         margin: Relative half-width ``m`` of the band ``[(1 - m), (1 + m)] * prior``.
-        warmup_epochs: Batch mode: supervised epochs before the first constraint step.
+        warmup_epochs: Batch mode: supervised epochs before the first constraint step (at most half
+            of the epochs the training runs, so a short budget still gets its constrained half).
         steps: Per-query mode: at most this many refinement steps per query.
         lr: Per-query mode: Adam learning rate of the refinement (None: the adapted method's rate,
             ``MethodConfig.lr`` or its paper default).

@@ -183,6 +183,21 @@ def test_multiclass_task_trains_a_softmax_head_with_background(tiny_base):
     assert set(dice) == {"pancreas", "spleen"} and min(dice.values()) > 0.3
 
 
+def test_max_steps_is_a_fixed_budget_whatever_k(tiny_base):
+    cfg = AdaptTrainConfig(max_epochs=100, max_steps=12, **FAST)
+    assert [cfg.epochs_for(k) for k in (1, 3, 5, 12, 20)] == [12, 4, 3, 1, 1]  # rounded up to whole epochs
+    assert AdaptTrainConfig(max_epochs=4, max_steps=12).epochs_for(1) == 4  # max_epochs still bounds it
+    assert AdaptTrainConfig(max_epochs=7).epochs_for(10) == 7
+    with pytest.raises(ConfigError, match="max_steps"):
+        AdaptTrainConfig(max_steps=0)
+    adapted = apply_method(tiny_base, "linear-probe", ["pancreas"], "binary")
+    reports = []
+    result = fit(adapted, [volume(0), volume(1), volume(2)], cfg, lr=1e-2, seed=0, path="cached",
+                 progress=reports.append)  # fmt: skip
+    assert result.epochs_run == 4 and result.stop_reason == "max-epochs"
+    assert {r.total for r in reports if r.stage == "train"} == {4}
+
+
 def test_zero_shot_trains_nothing(tiny_base):
     adapted = apply_method(tiny_base, "zero-shot", ["liver"], "binary")
     result = fit(adapted, [volume(0)], AdaptTrainConfig(**FAST), lr=0.0, seed=0, path="cached")

@@ -443,3 +443,15 @@ def test_batch_constraint_starts_at_the_supervised_plateau_and_gets_its_own_phas
     # supervised plateau at epoch 2 starts the constraint; the restarted rule fires again at epoch 4
     assert result.epochs_run == 4 and result.stop_reason == "plateau"
     assert steps.computed == 3 and steps.applied == 2  # epochs 2, 3, 4; the last one is never applied
+
+
+def test_a_short_budget_still_gets_its_constrained_half(tiny_base):
+    torch.manual_seed(0)
+    adapted = apply_method(tiny_base, "linear-probe", ["liver"])
+    cfg = AdaptTrainConfig(max_epochs=6, num_samples=2, early_stopping=False, device="cpu")
+    tx = TransductiveConfig(warmup_epochs=1000, lam=1.0, pool=1)  # longer than the whole run
+    queries = query_features(adapted, [torch.from_numpy(spheres(7)[0])[None]], ["q7"], tx)
+    priors = (SizePrior("liver", 1e-4, 1.0, 1.0, 1, (1e-4,), (True,)),)
+    with BatchConstraint(adapted, queries, priors, tx) as steps:
+        fit(adapted, [support(1)], cfg, lr=0.05, seed=0, path="cached", hook=steps)
+    assert steps.computed == 4 and steps.applied == 3  # epochs 3..6 of 6; the last one is never applied

@@ -22,7 +22,7 @@ from fseft.benchmark import (
 from fseft.benchmark import runner as runner_module
 from fseft.benchmark.cells import CellCost, MetricRow
 from fseft.benchmark.planning import Cell, shard
-from fseft.benchmark.tables import markdown
+from fseft.benchmark.tables import group_table, markdown
 from fseft.cli import main
 from fseft.data.image import Image
 from fseft.data.io import write_image
@@ -358,8 +358,9 @@ def test_shards_merge_to_the_unsharded_result(workspace, reference, tmp_path):
         run_benchmark(path, tmp_path / "shard1", data_root=workspace["root"], model=str(workspace["model"]))
 
 
-def _result(label: str, method: str, k: int, all_train: bool, seed: int, dice: float, index: int) -> CellResult:
-    cell = Cell("t", "base", 0, index, label, k, all_train, seed)
+def _result(label: str, method: str, k: int, all_train: bool, seed: int, dice: float, index: int,
+            task: str = "t") -> CellResult:  # fmt: skip
+    cell = Cell(task, "base", 0, index, label, k, all_train, seed)
     return CellResult(cell, method, "frozen", "+TI" in label, False, "h", {}, {}, CellCost(1, 1, 1, "cpu-peak-rss", 1.0, "cpu"),
                       (MetricRow("c", "liver", dice, None, None, None, None, ""),))  # fmt: skip
 
@@ -375,6 +376,18 @@ def test_each_row_reads_against_its_familys_ceiling():
     assert rows["linear-probe"] == ["0.550 ± 0.071", "0.800 ± 0.000", "-0.250"]
     assert rows["linear-probe +TI"] == ["0.600 ± 0.000", "(0.800 ± 0.000)", "-0.200"]  # its family ceiling
     assert rows["bitfit"] == ["0.300 ± 0.000", "–", "–"]  # no ceiling of its own family
+
+
+def test_a_task_with_its_own_k_is_averaged_only_where_it_has_cells():
+    """esophagus has k [1, 3]: the group's k=5 column averages the other task, and says so."""
+    cells = [_result("lp", "linear-probe", k, False, 0, d, 0, "larynx") for k, d in ((1, 0.4), (5, 0.6))]
+    cells += [_result("lp", "linear-probe", k, False, 0, d, 0, "esophagus") for k, d in ((1, 0.2), (3, 0.3))]
+    cells += [_result("lp", "linear-probe", 20, True, 0, 0.7, 0, "larynx"),
+              _result("lp", "linear-probe", 4, True, 0, 0.5, 0, "esophagus")]  # fmt: skip
+    table = group_table(cells, "base", cost=False)
+    row = next(line for line in table.splitlines() if line.startswith("| lp |")).strip("| ").split(" | ")
+    assert row[1:6] == ["0.300", "0.300", "0.600", "0.600", "-0.100"]  # k=1, k=3, k=5, all, k=5 − all (larynx only)
+    assert "k=3: mean over esophagus" in table and "k=5: mean over larynx" in table
 
 
 def test_parse_protocol_names_the_source():

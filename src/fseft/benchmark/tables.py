@@ -98,9 +98,7 @@ def _csv_value(value: Any) -> Any:
     return repr(value) if isinstance(value, float) else value
 
 
-def group_table(
-    cells: Sequence[CellResult], group: str, metric: str = "dice", *, cost: bool = True
-) -> str:
+def group_table(cells: Sequence[CellResult], group: str, metric: str = "dice", *, cost: bool = True) -> str:
     """The Markdown table of one task group: rows methods, columns k, mean ± std over seeds.
 
     Args:
@@ -121,6 +119,8 @@ def group_table(
     has_all = any(d.cell.all_train for d in mine)
     # (method, column, seed) -> task -> value (mean over queries and structures)
     values: dict[tuple[str, str, int], dict[str, float]] = {}
+    # tasks averaged in each column: those with a cell there (a task may have its own k, e.g. [1, 3])
+    present: dict[str, set[str]] = {}
     for d in mine:
         c = d.cell
         value = _mean([getattr(m, key) for m in d.metrics])
@@ -128,6 +128,8 @@ def group_table(
         cols = [str(k) for k in columns] if d.k_independent else [c.column]
         for column in cols:
             values.setdefault((c.label, column, c.seed), {})[c.task] = value
+        if not d.k_independent:
+            present.setdefault(c.column, set()).add(c.task)
     ceilings = ceiling_rows(mine)
     gap = f"k={columns[-1]} − {ALL}" if has_all and columns else None
     heads = [f"k={k}" for k in columns] + ([ALL] if has_all else []) + ([gap] if gap else [])
@@ -138,9 +140,13 @@ def group_table(
         "| method | " + " | ".join(heads + costs) + " |",
         "|---|" + "---:|" * (len(heads) + len(costs)),
     ]
-    def per_seed(method: str, column: str) -> list[float]:
+
+    def per_seed(method: str, column: str, only: set[str] | None = None) -> list[float]:
+        expected = present.get(column, set(tasks)) if only is None else only
         return [
-            _mean(list(by_task.values())) if len(by_task) == len(tasks) else math.nan
+            _mean([v for t, v in by_task.items() if t in expected])
+            if expected <= by_task.keys()
+            else math.nan
             for (m, col, _), by_task in values.items()
             if m == method and col == column
         ]
@@ -153,10 +159,21 @@ def group_table(
             text = _mean_std(per_seed(method if own else owner, ALL))
             row.append(text if own or text == "–" else f"({text})")
         if gap:
-            row.append(_gap(per_seed(method, str(columns[-1])), per_seed(owner, ALL) if owner else []))
+            # the same tasks on both sides
+            both = present.get(str(columns[-1]), set(tasks)) & present.get(ALL, set(tasks))
+            row.append(
+                _gap(per_seed(method, str(columns[-1]), both), per_seed(owner, ALL, both) if owner else [])
+            )
         if cost:
             row += _cost_cells([d.cost for d in mine if d.cell.label == method])
         lines.append("| " + " | ".join(row) + " |")
+    partial = [
+        col for col in [str(k) for k in columns] + [ALL] if col in present and present[col] != set(tasks)
+    ]
+    for col in partial:
+        kept = [t for t in tasks if t in present[col]]
+        head = col if col == ALL else f"k={col}"
+        lines.append(f"\n{head}: mean over {', '.join(kept)} (the other tasks have no such support size)")
     return "\n".join(lines)
 
 

@@ -78,9 +78,10 @@ def transductive_table(cells: Sequence[CellResult]) -> str:
         return ""
     tx_rows = list(plain_of)
     plain = next(iter(plain_of.values()))
-    keys = sorted({(t, k) for (label, t, k) in by if label == plain}, key=lambda x: (x[0], x[1]))
     tasks = list(dict.fromkeys(c.cell.task for c in sorted(cells, key=lambda c: c.cell.task_index)))
-    keys.sort(key=lambda x: (tasks.index(x[0]), x[1]))
+    keys = sorted(
+        {(t, k) for (label, t, k) in by if label in plain_of}, key=lambda x: (tasks.index(x[0]), x[1])
+    )
     heads = [plain] + [f"{r} (Δ)" for r in tx_rows]
     lines = ["| task | k | " + " | ".join(heads) + " |", "|---|---:|" + "---:|" * len(heads)]
     for task, k in keys:
@@ -89,7 +90,7 @@ def transductive_table(cells: Sequence[CellResult]) -> str:
         for r in tx_rows:
             mine = by.get((r, task, k), [])
             delta = np.mean(mine) - np.mean(base) if mine and base else math.nan
-            row.append(f"{_fmt(mine)} ({delta:+.3f})" if math.isfinite(delta) else "–")
+            row.append(f"{_fmt(mine)} ({delta:+.3f})" if math.isfinite(delta) else _fmt(mine))
         lines.append(f"| {task} | {k} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -413,3 +415,16 @@ def test_model_build_recipe_pretrains_through_the_library(workspace, tmp_path, m
     assert model.extra["steps"] == 1 and model.extra["protocol"] == "tiny"
     with pytest.raises(ConfigError, match="model.build: .*steps"):
         parse_protocol(protocol_dict(model={"build": {**build, "train": {"steps": 0}}}), "p.yaml")
+
+
+@pytest.mark.slow
+def test_results_page_is_rebuilt_from_the_cells_keeping_the_prose(reference, tmp_path):
+    """scripts/results_doc.py replaces only its measured section of a results page."""
+    doc = tmp_path / "page.md"
+    doc.write_text("# Title\n\nreading\n\n<!-- measured:start -->\nold\n<!-- measured:end -->\n\nafter\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "results_doc.py"
+    subprocess.run([sys.executable, str(script), str(reference), "--doc", str(doc)], check=True)
+    text = doc.read_text()
+    assert text.startswith("# Title\n\nreading\n\n<!-- measured:start -->") and text.endswith("after\n")
+    assert "old" not in text and "9 cells" in text and "| zero-shot | 1 | 0 |" in text
+    assert "| pancreas | 1 | – | " in text  # the transductive row; this grid has no plain spatial-adapter row

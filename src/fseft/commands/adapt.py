@@ -167,12 +167,10 @@ def _tx_config(args: argparse.Namespace) -> Any:
     from ..adapt.transductive import TransductiveConfig
 
     mode = args.tx_mode or ("batch" if args.transductive is not None else None)
-    options = {"constraint": args.constraint, "lam": args.tx_lambda, "margin": args.margin,
-               "warmup_epochs": args.tx_warmup, "prior": args.tx_prior}  # fmt: skip
-    given = {key: value for key, value in options.items() if value is not None}
+    given = {field: getattr(args, dest) for dest, field in _TX_FLAGS.values() if getattr(args, dest) is not None}
     if mode is None:
         if given:
-            flags = [flag for flag, key in _TX_FLAGS.items() if key in given]
+            flags = [flag for flag, (_, field) in _TX_FLAGS.items() if field in given]
             raise ConfigError(
                 f"{', '.join(flags)} only apply to transductive adaptation: add --transductive QUERY_MANIFEST "
                 "or --tx-mode per-query, or drop them"
@@ -187,9 +185,10 @@ def _tx_config(args: argparse.Namespace) -> Any:
     return TransductiveConfig(mode=mode, **given)
 
 
-#: transductive flag -> its TransductiveConfig field
-_TX_FLAGS = {"--constraint": "constraint", "--lambda": "lam", "--margin": "margin", "--tx-warmup": "warmup_epochs",
-             "--tx-prior": "prior"}  # fmt: skip
+#: transductive flag -> (its argparse dest, its TransductiveConfig field)
+_TX_FLAGS = {"--constraint": ("constraint", "constraint"), "--lambda": ("tx_lambda", "lam"),
+             "--margin": ("margin", "margin"), "--tx-warmup": ("tx_warmup", "warmup_epochs"),
+             "--tx-prior": ("tx_prior", "prior")}  # fmt: skip
 
 
 def _config(args: argparse.Namespace) -> AdaptCommandConfig:

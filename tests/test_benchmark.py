@@ -428,3 +428,15 @@ def test_results_page_is_rebuilt_from_the_cells_keeping_the_prose(reference, tmp
     assert text.startswith("# Title\n\nreading\n\n<!-- measured:start -->") and text.endswith("after\n")
     assert "old" not in text and "9 cells" in text and "| zero-shot | 1 | 0 |" in text
     assert "| pancreas | 1 | – | " in text  # the transductive row; this grid has no plain spatial-adapter row
+
+
+def test_task_and_seed_filters_run_only_those_cells_and_name_unknown_ones(workspace, tmp_path, capsys):
+    path = write_protocol(tmp_path, protocol_dict(**LP_ONLY, seeds=[0]))
+    args = ["benchmark", str(path), "--data-root", str(workspace["root"]), "--model", str(workspace["model"])]
+    assert main([*args, "--task", "liver", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no task liver; its tasks: pancreas" in err
+    assert main([*args, "--seed", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "no seed 3; its seeds: 0" in capsys.readouterr().err
+    assert main([*args, "--task", "pancreas", "--seed", "0", "--shard", "2/2", "--out", str(tmp_path / "y")]) == 0
+    assert [c.cell.k for c in read_cells([tmp_path / "y"])] == [2]  # the second of the task's 2 cells

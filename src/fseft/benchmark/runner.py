@@ -367,6 +367,8 @@ def run_benchmark(
     support: str | Path | None = None,
     query: str | Path | None = None,
     shard_spec: str | None = None,
+    tasks: Sequence[str] = (),
+    seeds: Sequence[int] = (),
     on_cell: Callable[[CellEvent], None] | None = None,
     on_epoch: Callable[[Any], None] | None = None,
 ) -> BenchmarkResult:
@@ -380,6 +382,8 @@ def run_benchmark(
         support: Support-pool manifest replacing every task's pool.
         query: Query manifest replacing every task's queries (the pool stays the protocol's).
         shard_spec: ``"i/n"``: run only that shard of the grid.
+        tasks: Run only these tasks' cells (empty: all); the shard is taken among the cells kept.
+        seeds: Run only these seeds' cells (empty: all).
         on_cell: Per-cell progress callback.
         on_epoch: Per-epoch progress callback.
 
@@ -393,10 +397,22 @@ def run_benchmark(
     spec = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
     out = Path(out)
     resolved = make_plan(spec, data_root=data_root, out=out, model=model, support=support, query=query)
-    cells = shard(resolved.cells, shard_spec)
+    cells = shard(_selected(resolved, tasks, seeds), shard_spec)
     run_cells(resolved, cells, out, on_cell=on_cell, on_epoch=on_epoch)
     results = read_cells([out])
     return BenchmarkResult(resolved, tuple(cells), tuple(results), write_results(results, out, spec))
+
+
+def _selected(plan: Plan, tasks: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
+    """The plan's cells of ``tasks`` and ``seeds`` (empty: all), refusing names the plan lacks."""
+    known_tasks, known_seeds = [t.spec.name for t in plan.tasks], list(plan.protocol.seeds)
+    for kind, asked, known in (("task", tasks, known_tasks), ("seed", seeds, known_seeds)):
+        unknown = [str(a) for a in asked if a not in known]
+        if unknown:
+            raise ConfigError(
+                f"{plan.protocol.where}: no {kind} {', '.join(unknown)}; its {kind}s: {', '.join(map(str, known))}"
+            )
+    return [c for c in plan.cells if (not tasks or c.task in tasks) and (not seeds or c.seed in seeds)]
 
 
 def write_results(cells: Sequence[CellResult], out: str | Path, protocol: Any = None) -> dict[str, Path]:

@@ -18,6 +18,8 @@ class BenchmarkCommandConfig:
         protocol: Protocol YAML or shipped protocol name (None with ``merge``).
         out: Output folder.
         shard: ``"i/n"`` or None.
+        tasks: Run only these tasks' cells (empty: every task).
+        seeds: Run only these seeds' cells (empty: every seed).
         support: Support-pool manifest for every task (replaces the protocol's pool).
         query: Query manifest for every task (replaces the protocol's queries).
         data_root: Folder the protocol's data paths are relative to.
@@ -28,6 +30,8 @@ class BenchmarkCommandConfig:
     protocol: str | None
     out: Path
     shard: str | None = None
+    tasks: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
     support: Path | None = None
     query: Path | None = None
     data_root: Path | None = None
@@ -35,7 +39,7 @@ class BenchmarkCommandConfig:
     merge: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.merge and (self.shard or self.support or self.query or self.data_root or self.model):
+        if self.merge and (self.shard or self.tasks or self.seeds or self.support or self.query or self.data_root or self.model):
             raise ConfigError("--merge only combines finished folders; drop the run options")
         if not self.merge and self.protocol is None:
             raise ConfigError("give a PROTOCOL (a YAML file or a shipped name), or --merge DIR...")
@@ -63,6 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("protocol", nargs="?", metavar="PROTOCOL", help="protocol YAML or shipped protocol name")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (resumes from it)")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (1-based) of the grid")
+    p.add_argument("--task", dest="tasks", action="append", default=[], metavar="NAME",
+                   help="run only this task's cells (repeatable; the tables cover every cell in OUT), e.g. the "
+                   "novel tasks first")  # fmt: skip
+    p.add_argument("--seed", dest="seeds", type=int, action="append", default=[], metavar="S",
+                   help="run only this seed's cells (repeatable)")  # fmt: skip
     p.add_argument("--support", type=Path, metavar="MANIFEST",
                    help="support-pool manifest for every task (the queries stay the protocol's unless --query)")
     p.add_argument("--query", type=Path, metavar="MANIFEST",
@@ -82,6 +91,8 @@ def _config(args: argparse.Namespace) -> BenchmarkCommandConfig:
         protocol=args.protocol,
         out=args.out,
         shard=args.shard,
+        tasks=tuple(args.tasks),
+        seeds=tuple(args.seeds),
         support=args.support,
         query=args.query,
         data_root=args.data_root,
@@ -108,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with CellProgress(console) as progress:
         result = run_benchmark(cfg.protocol, cfg.out, data_root=cfg.data_root, model=cfg.model,  # type: ignore[arg-type]
-                               support=cfg.support, query=cfg.query, shard_spec=cfg.shard,
+                               support=cfg.support, query=cfg.query, shard_spec=cfg.shard, tasks=cfg.tasks,
+                               seeds=cfg.seeds,
                                on_cell=progress.on_cell, on_epoch=progress.on_epoch)  # fmt: skip
     show_outputs(console, result.outputs)
     done, total = len(result.cells), len(result.plan.cells)

@@ -128,7 +128,7 @@ class BatchConstraint:
                 p_hat = predicted_proportions(self.adapted, q)
                 current.append(p_hat.detach().cpu().tolist())
                 loss = penalty(p_hat, prior, self.cfg, self.computed) / len(self.queries)
-                if loss.requires_grad and float(loss) != 0.0:  # inside its band the hinge adds nothing
+                if loss.requires_grad and float(loss.detach()) != 0.0:  # inside its band the hinge adds nothing
                     grads = torch.autograd.grad(loss, self.params, allow_unused=True)
                     total = [t + g if g is not None else t for t, g in zip(total, grads, strict=True)]
         self.adapted.train(was_training)

@@ -24,24 +24,12 @@ import numpy as np
 
 from fseft.benchmark.cells import CellResult
 from fseft.benchmark.runner import read_cells
-from fseft.benchmark.tables import markdown
+from fseft.benchmark.tables import markdown, mean_std
 from fseft.io_utils import write_text_atomic
 from fseft.models.bundled_models import recipe
-from fseft.report.groups import format_bytes
+from fseft.report.groups import cell_mean, format_bytes
 
 START, END = "<!-- measured:start -->", "<!-- measured:end -->"
-
-
-def _dice(cell: CellResult) -> float:
-    values = [m.dice for m in cell.metrics if m.dice is not None]
-    return float(np.mean(values)) if values else math.nan
-
-
-def _fmt(values: Sequence[float]) -> str:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return "–"
-    return f"{np.mean(finite):.3f}" + (f" ± {np.std(finite, ddof=1):.3f}" if len(finite) > 1 else "")
 
 
 def run_facts(cells: Sequence[CellResult]) -> str:
@@ -71,7 +59,7 @@ def transductive_table(cells: Sequence[CellResult]) -> str:
     for c in cells:
         if c.cell.all_train:
             continue
-        by[(c.cell.label, c.cell.task, c.cell.k)].append(_dice(c))
+        by[(c.cell.label, c.cell.task, c.cell.k)].append(cell_mean(c, "dice"))
         if c.transductive:
             plain_of[c.cell.label] = c.cell.label.split(" +TI")[0]
     if not plain_of:
@@ -86,11 +74,11 @@ def transductive_table(cells: Sequence[CellResult]) -> str:
     lines = ["| task | k | " + " | ".join(heads) + " |", "|---|---:|" + "---:|" * len(heads)]
     for task, k in keys:
         base = by.get((plain, task, k), [])
-        row = [_fmt(base)]
+        row = [mean_std(base)]
         for r in tx_rows:
             mine = by.get((r, task, k), [])
             delta = np.mean(mine) - np.mean(base) if mine and base else math.nan
-            row.append(f"{_fmt(mine)} ({delta:+.3f})" if math.isfinite(delta) else _fmt(mine))
+            row.append(f"{mean_std(mine)} ({delta:+.3f})" if math.isfinite(delta) else mean_std(mine))
         lines.append(f"| {task} | {k} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -389,11 +389,12 @@ def _cells(protocol: Protocol, tasks: Sequence[TaskCases]) -> list[Cell]:
                 continue
             ks = task.spec.support_sizes(protocol.k)
             sizes = [(k, False) for k in ks]
-            if get_method(spec.method).paper_lr is None:  # trains nothing: one cell stands for every k
+            trains_nothing = get_method(spec.method).paper_lr is None  # deterministic too
+            if trains_nothing:  # one cell stands for every k
                 sizes = [(min(ks), False)]
             elif spec.all_train and len(task.pool) not in ks:
                 sizes.append((len(task.pool), True))
-            seeds = protocol.seeds[:1] if get_method(spec.method).paper_lr is None else protocol.seeds  # deterministic
+            seeds = protocol.seeds[:1] if trains_nothing else protocol.seeds
             for k, everything in sizes:
                 for seed in seeds:
                     cells.append(

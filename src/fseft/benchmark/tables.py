@@ -152,11 +152,11 @@ def group_table(cells: Sequence[CellResult], group: str, metric: str = "dice", *
         ]
 
     for method in methods:
-        row = [method] + [_mean_std(per_seed(method, str(k))) for k in columns]
+        row = [method] + [mean_std(per_seed(method, str(k))) for k in columns]
         owner = ceilings.get(method)
         if has_all:
             own = owner == method or owner is None
-            text = _mean_std(per_seed(method if own else owner, ALL))
+            text = mean_std(per_seed(method if own else owner, ALL))
             row.append(text if own or text == "–" else f"({text})")
         if gap:
             # the same tasks on both sides
@@ -183,7 +183,8 @@ def _gap(few: Sequence[float], ceiling: Sequence[float]) -> str:
     return f"{a - b:+.3f}" if math.isfinite(a) and math.isfinite(b) else "–"
 
 
-def _mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float]) -> str:
+    """``mean ± std`` (ddof=1) of the finite values, the value alone when there is one, ``–`` when none."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return "–"
@@ -235,6 +236,7 @@ def write_outputs(
 
 
 __all__ = [
+    "mean_std",
     "PER_CASE_CSV",
     "PER_SEED_CSV",
     "TABLES_MD",

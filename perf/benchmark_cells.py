@@ -74,12 +74,8 @@ def compare(args: argparse.Namespace, model: str, tmp: Path) -> None:
     p = resolved_plan(args, model, tmp / "out")
     base = load_model(model)
     task = p.task("brainstem")
-    load_support_volumes(
-        task.pool, task.spec.structures, base.config.preprocess
-    )  # preprocessed once for both
-    print(
-        f"model {model}; task brainstem, {len(p.task('brainstem').queries)} queries, training {p.protocol.train}"
-    )
+    load_support_volumes(task.pool, task.spec.structures, base.config.preprocess)  # preprocessed once for both
+    print(f"model {model}; task brainstem, {len(p.task('brainstem').queries)} queries, training {p.protocol.train}")
     before = timed_cells(p, base, tmp / "out", None)
     store = FeatureStore(FeatureStoreConfig(str(tmp / "features"), memory_gb=args.memory_gb, disk_gb=64))
     after = timed_cells(p, base, tmp / "out", store)

@@ -30,6 +30,7 @@ from fseft.data.image import Image
 from fseft.data.io import write_image
 from fseft.errors import ConfigError, DataError
 from fseft.models import save_model
+from fseft.report.groups import summarise_group
 
 
 @pytest.fixture(scope="module")
@@ -390,6 +391,10 @@ def test_a_task_with_its_own_k_is_averaged_only_where_it_has_cells():
     row = next(line for line in table.splitlines() if line.startswith("| lp |")).strip("| ").split(" | ")
     assert row[1:6] == ["0.300", "0.300", "0.600", "0.600", "-0.100"]  # k=1, k=3, k=5, all, k=5 − all (larynx only)
     assert "k=3: mean over esophagus" in table and "k=5: mean over larynx" in table
+    summary = summarise_group(cells, "base")  # the HTML report's table: the same means, the same notes
+    scores = summary.methods[0].scores
+    assert [scores[("dice", c)].mean for c in ("1", "3", "5")] == pytest.approx([0.3, 0.3, 0.6])
+    assert summary.partial_columns() == {"3": ("esophagus",), "5": ("larynx",)}
 
 
 def test_parse_protocol_names_the_source():

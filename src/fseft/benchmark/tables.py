@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..io_utils import write_text_atomic
-from ..report.groups import format_bytes
+from ..report.groups import format_bytes, mean_over_tasks, tasks_by_column
 from .ceilings import ceiling_rows
 from .cells import SCORES, CellCost, CellResult
 from .planning import ALL
@@ -120,7 +120,7 @@ def group_table(cells: Sequence[CellResult], group: str, metric: str = "dice", *
     # (method, column, seed) -> task -> value (mean over queries and structures)
     values: dict[tuple[str, str, int], dict[str, float]] = {}
     # tasks averaged in each column: those with a cell there (a task may have its own k, e.g. [1, 3])
-    present: dict[str, set[str]] = {}
+    present = {column: set(t) for column, t in tasks_by_column(mine).items()}
     for d in mine:
         c = d.cell
         value = _mean([getattr(m, key) for m in d.metrics])
@@ -128,8 +128,6 @@ def group_table(cells: Sequence[CellResult], group: str, metric: str = "dice", *
         cols = [str(k) for k in columns] if d.k_independent else [c.column]
         for column in cols:
             values.setdefault((c.label, column, c.seed), {})[c.task] = value
-        if not d.k_independent:
-            present.setdefault(c.column, set()).add(c.task)
     ceilings = ceiling_rows(mine)
     gap = f"k={columns[-1]} − {ALL}" if has_all and columns else None
     heads = [f"k={k}" for k in columns] + ([ALL] if has_all else []) + ([gap] if gap else [])
@@ -144,9 +142,7 @@ def group_table(cells: Sequence[CellResult], group: str, metric: str = "dice", *
     def per_seed(method: str, column: str, only: set[str] | None = None) -> list[float]:
         expected = present.get(column, set(tasks)) if only is None else only
         return [
-            _mean([v for t, v in by_task.items() if t in expected])
-            if expected <= by_task.keys()
-            else math.nan
+            mean_over_tasks(by_task, expected)
             for (m, col, _), by_task in values.items()
             if m == method and col == column
         ]

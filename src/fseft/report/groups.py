@@ -2,8 +2,9 @@
 group (``base``, ``novel``), never one mean over both.
 
 Per cell a metric is averaged over its query cases and structures (undefined values skipped);
-within a group a method's value for one seed and ``k`` is the mean over the group's tasks, and a
-method that lacks one of the group's tasks never enters that mean (it is listed as incomplete);
+within a group a method's value for one seed and ``k`` is the mean over the group's tasks that have
+that ``k`` (a task may have its own support sizes, e.g. esophagus [1, 3]); a method that lacks one
+of the group's tasks never enters that mean (it is listed as incomplete);
 the tables show the mean ± standard deviation of that over seeds. Cost columns average the
 method's cells of the group (adaptation time per ``k``).
 """
@@ -83,6 +84,7 @@ class GroupSummary:
         columns: Support sizes as column names (``"1"``, ``"5"``, ``"all"``), ascending ``k`` first.
         methods: Rows, in protocol order.
         incomplete: Methods left out because they lack one of the group's tasks.
+        column_tasks: Column -> the tasks its means are over (see :func:`tasks_by_column`).
     """
 
     group: str
@@ -90,6 +92,11 @@ class GroupSummary:
     columns: tuple[str, ...]
     methods: tuple[MethodSummary, ...]
     incomplete: tuple[str, ...]
+    column_tasks: Mapping[str, tuple[str, ...]]
+
+    def partial_columns(self) -> dict[str, tuple[str, ...]]:
+        """Columns averaged over only some of the group's tasks -> those tasks."""
+        return {c: t for c, t in self.column_tasks.items() if set(t) != set(self.tasks)}
 
 
 def groups(cells: Sequence[CellResult]) -> list[str]:
@@ -107,6 +114,26 @@ def cell_mean(cell: CellResult, key: str) -> float:
     """``key`` averaged over the cell's query cases and structures (NaN when never defined)."""
     values = [float(v) for v in (getattr(m, key) for m in cell.metrics) if v is not None and math.isfinite(v)]
     return float(np.mean(values)) if values else math.nan
+
+
+def tasks_by_column(cells: Sequence[CellResult]) -> dict[str, tuple[str, ...]]:
+    """Column -> the tasks with a cell of their own there, in first-seen order (a method that trains
+    nothing stands under every ``k`` and decides no column)."""
+    present: dict[str, dict[str, None]] = {}
+    for d in cells:
+        if not d.k_independent:
+            present.setdefault(d.cell.column, {})[d.cell.task] = None
+    return {c: tuple(t) for c, t in present.items()}
+
+
+def mean_over_tasks(by_task: Mapping[str, float], expected: Iterable[str]) -> float:
+    """The mean of ``by_task`` over the ``expected`` tasks, undefined (NaN) values skipped as in
+    :func:`cell_mean`; NaN when a task has no cell (a seed that misses a task never averages fewer)."""
+    expected = set(expected)
+    if not expected <= by_task.keys():
+        return math.nan
+    finite = [by_task[t] for t in expected if math.isfinite(by_task[t])]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def cell_columns(cell: CellResult, columns: Sequence[str]) -> list[str]:
@@ -129,19 +156,22 @@ def summarise_group(cells: Sequence[CellResult], group: str) -> GroupSummary:
     ks = sorted({d.cell.k for d in mine if not d.cell.all_train and not d.k_independent})
     ks = ks or sorted({d.cell.k for d in mine if not d.cell.all_train})
     columns = tuple([str(k) for k in ks] + list(dict.fromkeys(d.cell.column for d in mine if d.cell.all_train)))
+    present = tasks_by_column(mine)
+    column_tasks = {c: present.get(c, tasks) for c in columns}
     rows, incomplete = [], []
     for label in method_labels(mine):
         own = [d for d in mine if d.cell.label == label]
         if {d.cell.task for d in own} != set(tasks):
             incomplete.append(label)
             continue
-        rows.append(_method_summary(label, own, tasks, columns))
-    return GroupSummary(group, tasks, columns, tuple(rows), tuple(incomplete))
+        rows.append(_method_summary(label, own, column_tasks))
+    return GroupSummary(group, tasks, columns, tuple(rows), tuple(incomplete), column_tasks)
 
 
 def _method_summary(
-    label: str, own: Sequence[CellResult], tasks: Sequence[str], columns: Sequence[str]
+    label: str, own: Sequence[CellResult], column_tasks: Mapping[str, Sequence[str]]
 ) -> MethodSummary:
+    columns = list(column_tasks)
     # (metric, column, seed) -> task -> value
     values: dict[tuple[str, str, int], dict[str, float]] = {}
     per_case: dict[str, list[float]] = {c: [] for c in columns}
@@ -156,7 +186,7 @@ def _method_summary(
     for key, _ in GROUP_METRICS:
         for column in columns:
             per_seed = [
-                float(np.mean([by_task[t] for t in tasks])) if len(by_task) == len(tasks) else math.nan
+                mean_over_tasks(by_task, column_tasks[column])
                 for (k, c, _), by_task in values.items()
                 if k == key and c == column
             ]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..io_utils import write_text_atomic
-from ..report.groups import format_bytes, mean_over_tasks, tasks_by_column
+from ..report.groups import format_bytes, mean_over_tasks, partial_column_note, tasks_by_column
 from .ceilings import ceiling_rows
 from .cells import SCORES, CellCost, CellResult
 from .planning import ALL
@@ -166,10 +166,7 @@ def group_table(cells: Sequence[CellResult], group: str, metric: str = "dice", *
     partial = [
         col for col in [str(k) for k in columns] + [ALL] if col in present and present[col] != set(tasks)
     ]
-    for col in partial:
-        kept = [t for t in tasks if t in present[col]]
-        head = col if col == ALL else f"k={col}"
-        lines.append(f"\n{head}: mean over {', '.join(kept)} (the other tasks have no such support size)")
+    lines += ["\n" + partial_column_note(col, [t for t in tasks if t in present[col]]) for col in partial]
     return "\n".join(lines)
 
 

@@ -238,9 +238,7 @@ def _group_section(summary: g.GroupSummary, cells: Sequence[CellResult], colors:
         notes.append(f"Not run on this group: {html.escape(', '.join(missing))}.")
     if summary.incomplete:
         notes.append(f"Left out (not run on every task of the group): {html.escape(', '.join(summary.incomplete))}.")
-    for column, kept in summary.partial_columns().items():
-        head = column if not column.isdigit() else f"k={column}"
-        notes.append(f"{head}: mean over {html.escape(', '.join(kept))} (the other tasks have no such support size).")
+    notes += [html.escape(g.partial_column_note(c, kept)) + "." for c, kept in summary.partial_columns().items()]
     memory = {r.memory_kind for r in summary.methods}
     notes.append("Peak memory: " + ", ".join(sorted(memory)) + " (the process's, so it includes the model and "
                  "the data); costs are means over the method's cells of the group.")  # fmt: skip

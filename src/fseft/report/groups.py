@@ -136,6 +136,12 @@ def mean_over_tasks(by_task: Mapping[str, float], expected: Iterable[str]) -> fl
     return float(np.mean(finite)) if finite else math.nan
 
 
+def partial_column_note(column: str, kept: Sequence[str]) -> str:
+    """The footnote of a column averaged over only some of a group's tasks."""
+    head = f"k={column}" if column.isdigit() else column
+    return f"{head}: mean over {', '.join(kept)} (the group's other tasks have no cell there)"
+
+
 def cell_columns(cell: CellResult, columns: Sequence[str]) -> list[str]:
     """The columns a cell stands for: every ``k`` for a method that trains nothing, else its own."""
     return [c for c in columns if c.isdigit()] if cell.k_independent else [cell.cell.column]

@@ -29,7 +29,7 @@ from fseft.cli import main
 from fseft.data.image import Image
 from fseft.data.io import write_image
 from fseft.errors import ConfigError, DataError
-from fseft.models import save_model
+from fseft.models import load_model, save_model
 from fseft.report.groups import summarise_group
 
 
@@ -110,6 +110,7 @@ def test_shipped_protocols_parse():
         ({"metrics": ["dice", "iou"]}, "metrics: unknown ['iou']"),
         ({"train": {"max_epoch": 3}}, "train: unknown AdaptTrainConfig option"),
         ({"method": []}, "unknown field(s) ['method']"),
+        ({"methods": [{"method": "lora", "train": {"max_step": 9}}]}, "methods[0] (lora): unknown AdaptTrainConfig"),
     ],
 )
 def test_invalid_protocols_fail_with_one_line(tmp_path, change, message):
@@ -445,3 +446,20 @@ def test_task_and_seed_filters_run_only_those_cells_and_name_unknown_ones(worksp
     assert "no seed 3; its seeds: 0" in capsys.readouterr().err
     assert main([*args, "--task", "pancreas", "--seed", "0", "--shard", "2/2", "--out", str(tmp_path / "y")]) == 0
     assert [c.cell.k for c in read_cells([tmp_path / "y"])] == [2]  # the second of the task's 2 cells
+
+
+def test_a_rows_own_training_budget_reaches_its_cells_only(workspace, tmp_path):
+    """A row may train longer than the protocol says: its label, cells, hash and record say so; the
+    other rows' cells keep the hash they had without it (committed results stay valid)."""
+    plain = protocol_dict(**LP_ONLY, seeds=[0])
+    longer = {**plain, "methods": [*plain["methods"], {"method": "linear-probe", "train": {"max_epochs": 3}}]}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    p0, p1 = (plan(load_protocol(write_protocol(tmp_path / name, data)), data_root=workspace["root"],
+                   model=str(workspace["model"]), out=tmp_path / "out")
+              for name, data in (("a", plain), ("b", longer)))  # fmt: skip
+    assert [m.row_label for m in p1.protocol.methods] == ["linear-probe", "linear-probe max_epochs 3"]
+    assert [p0.config_hash(c) for c in p0.cells] == [p1.config_hash(c) for c in p1.cells[: len(p0.cells)]]
+    own = [c for c in p1.cells if c.method_index == 1]
+    assert [p1.cell_config(c)["train"]["max_epochs"] for c in own] == [3, 3]
+    result = runner_module.run_cell(p1, own[0], load_model(str(workspace["model"])), tmp_path / "out")
+    assert result.record["train_config"]["max_epochs"] == 3 and result.record["epochs_run"] <= 3

@@ -222,6 +222,8 @@ class MethodSpec:
         transductive_options: :class:`~fseft.adapt.transductive.TransductiveConfig` fields.
         groups: Run only on tasks of these groups (e.g. zero-shot on ``base``); None: all.
         all_train: Also train on every support case of the pool (the upper-bound column ``all``).
+        train: This row's :class:`~fseft.adapt.trainer.AdaptTrainConfig` overrides, over the
+            protocol's ``train`` (e.g. a longer budget for one recipe); the label says so.
     """
     method: str
     label: str | None = None
@@ -232,6 +234,7 @@ class MethodSpec:
     transductive_options: dict[str, Any] = field(default_factory=dict)
     groups: tuple[str, ...] | None = None
     all_train: bool = False
+    train: dict[str, Any] = field(default_factory=dict)
 
     def method_config(self) -> Any:
         """The method's config dataclass (decoder/bottleneck policies and options applied).
@@ -259,6 +262,7 @@ class MethodSpec:
         decoder = self.method_config().decoder
         default = get_method(self.method).config_cls().decoder
         text = self.method if decoder == default else f"{self.method} (decoder {decoder})"
+        text = " ".join([text, *(f"{key} {value}" for key, value in self.train.items())])
         if not self.transductive:
             return text
 
@@ -310,9 +314,14 @@ class Protocol:
         """The file name errors start with."""
         return self.path or f"protocol {self.name}"
 
-    def train_config(self) -> Any:
-        """The :class:`~fseft.adapt.trainer.AdaptTrainConfig` of every cell."""
-        return from_dict(AdaptTrainConfig, dict(self.train))
+    def train_overrides(self, spec: MethodSpec | None = None) -> dict[str, Any]:
+        """The protocol's ``train`` overrides, with those of the row ``spec`` on top."""
+        return {**self.train, **(spec.train if spec is not None else {})}
+
+    def train_config(self, spec: MethodSpec | None = None) -> Any:
+        """The :class:`~fseft.adapt.trainer.AdaptTrainConfig` of the cells of row ``spec`` (None:
+        the protocol's own)."""
+        return from_dict(AdaptTrainConfig, self.train_overrides(spec))
 
     def predict_config(self) -> Any:
         """The :class:`~fseft.inference.PredictConfig` used on the queries."""
@@ -426,6 +435,7 @@ def validate(protocol: Protocol) -> None:
             cls = get_method(spec.method)
             config = spec.method_config()
             spec.transductive_config()
+            protocol.train_config(spec)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         if spec.transductive and (not cls.black_box or config.trains_backbone_groups):

@@ -198,7 +198,7 @@ def run_cell(
     start = time.perf_counter()
     protocol, spec, task = plan.protocol, plan.method(cell), plan.task(cell.task)
     result = adapt(model, task.pool, task.spec.structures, k=cell.k, seed=cell.seed, method=spec.method,
-                   task=task.spec.task, method_config=spec.method_config(), train_config=protocol.train_config(),
+                   task=task.spec.task, method_config=spec.method_config(), train_config=protocol.train_config(spec),
                    transductive=spec.transductive_config(), queries=task.queries, progress=on_epoch,
                    support_draw=protocol.support_draw, features=features)  # fmt: skip
     adapter = result.save(out / ADAPTERS_DIR / f"{cell.cell_id}.safetensors")

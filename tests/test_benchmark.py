@@ -30,6 +30,7 @@ from fseft.data.image import Image
 from fseft.data.io import write_image
 from fseft.errors import ConfigError, DataError
 from fseft.models import load_model, save_model
+from fseft.report.benchmark_page import build_benchmark_report
 from fseft.report.groups import summarise_group
 
 
@@ -463,3 +464,5 @@ def test_a_rows_own_training_budget_reaches_its_cells_only(workspace, tmp_path):
     assert [p1.cell_config(c)["train"]["max_epochs"] for c in own] == [3, 3]
     result = runner_module.run_cell(p1, own[0], load_model(str(workspace["model"])), tmp_path / "out")
     assert result.record["train_config"]["max_epochs"] == 3 and result.record["epochs_run"] <= 3
+    page = build_benchmark_report([result], tmp_path / "r.html", protocol=p1.protocol).read_text(encoding="utf-8")
+    assert "lr 0.01, max_epochs 3;" in page  # the report's list of rows names the row's own budget

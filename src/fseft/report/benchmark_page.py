@@ -104,7 +104,8 @@ def _run_section(cells: Sequence[CellResult], protocol: Any, colors: Mapping[str
         f"({html.escape(', '.join(t.get('queries', [])))})"
         for name, (group, t) in tasks.items()
     )))  # fmt: skip
-    facts.append(("Methods", "<br>".join(_method_text(label, cells, colors) for label in g.method_labels(cells))))
+    train = dict(protocol.train) if protocol is not None else {}
+    facts.append(("Methods", "<br>".join(_method_text(label, cells, colors, train) for label in g.method_labels(cells))))
     ctx = g.context(cells)
     ks = sorted({d.cell.column for d in cells}, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0))
     facts.append(("Support sizes k", ", ".join(ks) + f"; seeds: {', '.join(map(str, ctx['seeds']))}"))
@@ -143,11 +144,13 @@ def _model_text(model: str) -> str:
     return f"<b>{html.escape(model)}</b>" + (f": {html.escape(description)}" if description else "")
 
 
-def _method_text(label: str, cells: Sequence[CellResult], colors: Mapping[str, str]) -> str:
+def _method_text(label: str, cells: Sequence[CellResult], colors: Mapping[str, str], train: Mapping[str, Any]) -> str:
+    """A row's method, decoder, learning rate and its own training overrides (beyond ``train``)."""
     d = next(d for d in cells if d.cell.label == label)
     lr = d.record.get("lr")
     parts = [f"method {d.method}", f"decoder {d.decoder}"]
     parts.append(f"lr {lr:g}" if isinstance(lr, int | float) else "trains nothing")
+    parts += [f"{html.escape(k)} {_value(v)}" for k, v in d.config.get("train", {}).items() if train.get(k) != v]
     if d.transductive:
         parts.append("transductive")
     groups = sorted({c.cell.group for c in cells if c.cell.label == label})

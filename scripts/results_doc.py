@@ -14,7 +14,6 @@ k, and the measured cost of every row.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -53,13 +52,14 @@ def run_facts(cells: Sequence[CellResult]) -> str:
 
 
 def transductive_table(cells: Sequence[CellResult]) -> str:
-    """Dice of every transductive row next to the plain row of the same method, per task and k."""
-    by: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    """Dice of every transductive row next to the plain row of the same method, per task and k; the
+    difference is paired: over the seeds that both rows have (a partial run has more of one)."""
+    by: dict[tuple[str, str, int], dict[int, float]] = defaultdict(dict)
     plain_of: dict[str, str] = {}
     for c in cells:
         if c.cell.all_train:
             continue
-        by[(c.cell.label, c.cell.task, c.cell.k)].append(cell_mean(c, "dice"))
+        by[(c.cell.label, c.cell.task, c.cell.k)][c.cell.seed] = cell_mean(c, "dice")
         if c.transductive:
             plain_of[c.cell.label] = c.cell.label.split(" +TI")[0]
     if not plain_of:
@@ -73,14 +73,15 @@ def transductive_table(cells: Sequence[CellResult]) -> str:
     heads = [plain] + [f"{r} (Δ)" for r in tx_rows]
     lines = ["| task | k | " + " | ".join(heads) + " |", "|---|---:|" + "---:|" * len(heads)]
     for task, k in keys:
-        base = by.get((plain, task, k), [])
-        row = [mean_std(base)]
+        base = by.get((plain, task, k), {})
+        row = [mean_std(list(base.values()))]
         for r in tx_rows:
-            mine = by.get((r, task, k), [])
-            delta = np.mean(mine) - np.mean(base) if mine and base else math.nan
-            row.append(f"{mean_std(mine)} ({delta:+.3f})" if math.isfinite(delta) else mean_std(mine))
+            mine = by.get((r, task, k), {})
+            paired = [mine[s] - base[s] for s in mine.keys() & base.keys()]
+            text = mean_std(list(mine.values()))
+            row.append(f"{text} ({np.mean(paired):+.3f})" if paired else text)
         lines.append(f"| {task} | {k} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\nΔ: the transductive row minus the plain one, averaged over the seeds both have."
 
 
 def cost_table(cells: Sequence[CellResult]) -> str:

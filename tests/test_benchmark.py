@@ -466,3 +466,16 @@ def test_a_rows_own_training_budget_reaches_its_cells_only(workspace, tmp_path):
     assert result.record["train_config"]["max_epochs"] == 3 and result.record["epochs_run"] <= 3
     page = build_benchmark_report([result], tmp_path / "r.html", protocol=p1.protocol).read_text(encoding="utf-8")
     assert "lr 0.01, max_epochs 3;" in page  # the report's list of rows names the row's own budget
+
+
+def test_the_transductive_difference_pairs_seeds():
+    """A partial run has seed 1 of the plain row only: the difference is over seed 0, never 0.6 - 0.7."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "results_doc.py"
+    spec = importlib.util.spec_from_file_location("results_doc", script)
+    results_doc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results_doc)
+    cells = [_result("spatial-adapter", "spatial-adapter", 1, False, s, d, 0) for s, d in ((0, 0.5), (1, 0.9))]
+    cells.append(_result("spatial-adapter +TI", "spatial-adapter", 1, False, 0, 0.6, 1))
+    assert "| t | 1 | 0.700 ± 0.283 | 0.600 (+0.100) |" in results_doc.transductive_table(cells)

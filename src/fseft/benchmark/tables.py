@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,26 +139,26 @@ def group_table(cells: Sequence[CellResult], group: str, metric: str = "dice", *
         "|---|" + "---:|" * (len(heads) + len(costs)),
     ]
 
-    def per_seed(method: str, column: str, only: set[str] | None = None) -> list[float]:
+    def per_seed(method: str, column: str, only: set[str] | None = None) -> dict[int, float]:
         expected = present.get(column, set(tasks)) if only is None else only
-        return [
-            mean_over_tasks(by_task, expected)
-            for (m, col, _), by_task in values.items()
+        return {
+            seed: mean_over_tasks(by_task, expected)
+            for (m, col, seed), by_task in values.items()
             if m == method and col == column
-        ]
+        }
 
     for method in methods:
-        row = [method] + [mean_std(per_seed(method, str(k))) for k in columns]
+        row = [method] + [mean_std(list(per_seed(method, str(k)).values())) for k in columns]
         owner = ceilings.get(method)
         if has_all:
             own = owner == method or owner is None
-            text = mean_std(per_seed(method if own else owner, ALL))
+            text = mean_std(list(per_seed(method if own else owner, ALL).values()))
             row.append(text if own or text == "–" else f"({text})")
         if gap:
             # the same tasks on both sides
             both = present.get(str(columns[-1]), set(tasks)) & present.get(ALL, set(tasks))
             row.append(
-                _gap(per_seed(method, str(columns[-1]), both), per_seed(owner, ALL, both) if owner else [])
+                _gap(per_seed(method, str(columns[-1]), both), per_seed(owner, ALL, both) if owner else {})
             )
         if cost:
             row += _cost_cells([d.cost for d in mine if d.cell.label == method])
@@ -170,10 +170,11 @@ def group_table(cells: Sequence[CellResult], group: str, metric: str = "dice", *
     return "\n".join(lines)
 
 
-def _gap(few: Sequence[float], ceiling: Sequence[float]) -> str:
-    """Mean over seeds of the few-shot values minus that of the ceiling (``–`` when either is missing)."""
-    a, b = _mean(list(few)), _mean(list(ceiling))
-    return f"{a - b:+.3f}" if math.isfinite(a) and math.isfinite(b) else "–"
+def _gap(few: Mapping[int, float], ceiling: Mapping[int, float]) -> str:
+    """The few-shot value minus the ceiling's, averaged over the seeds both have (a partial run may
+    have more seeds of one); ``–`` when they share none."""
+    gap = _mean([few[s] - ceiling[s] for s in few.keys() & ceiling.keys()])
+    return f"{gap:+.3f}" if math.isfinite(gap) else "–"
 
 
 def mean_std(values: Sequence[float]) -> str:

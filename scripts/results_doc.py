@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fseft.benchmark import load_protocol, shipped_protocols
 from fseft.benchmark.cells import CellResult
-from fseft.benchmark.runner import read_cells
+from fseft.benchmark.runner import in_protocol_order, read_cells
 from fseft.benchmark.tables import markdown, mean_std
 from fseft.io_utils import write_text_atomic
 from fseft.models.bundled_models import recipe
@@ -104,6 +105,7 @@ def cost_table(cells: Sequence[CellResult]) -> str:
 
 
 def measured_section(cells: Sequence[CellResult], model: str | None) -> str:
+    cells = sorted(cells, key=lambda d: (d.cell.method_index, d.cell.task_index))  # rows in protocol order
     parts = [START, "## What was run", run_facts(cells)]
     if model:
         info = recipe(model)
@@ -126,7 +128,11 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, required=True, help="the Markdown page to update")
     parser.add_argument("--model", help="foundation model name to cite (its sha256 from the zoo)")
     args = parser.parse_args()
-    section = measured_section(read_cells(args.folders), args.model)
+    cells = read_cells(args.folders)
+    names = {d.config.get("protocol") for d in cells}
+    if len(names) == 1 and (name := names.pop()) in shipped_protocols():  # rows in its current order
+        cells = in_protocol_order(cells, load_protocol(name))
+    section = measured_section(cells, args.model)
     text = args.doc.read_text(encoding="utf-8") if args.doc.is_file() else f"{START}\n{END}\n"
     if START not in text or END not in text:
         raise SystemExit(f"{args.doc}: no {START} ... {END} section to replace")

@@ -483,3 +483,17 @@ def test_the_transductive_difference_pairs_seeds():
     cells = [_result("spatial-adapter", "spatial-adapter", 1, False, s, d, 0) for s, d in ((0, 0.5), (1, 0.9))]
     cells.append(_result("spatial-adapter +TI", "spatial-adapter", 1, False, 0, 0.6, 1))
     assert "| t | 1 | 0.700 ± 0.283 | 0.600 (+0.100) |" in results_doc.transductive_table(cells)
+
+
+def test_cells_written_before_a_row_was_added_take_the_protocols_order():
+    """A row inserted into a protocol mid-run: older cells carry the old positions; the tables follow
+    the protocol as it is now."""
+    protocol = parse_protocol(protocol_dict(methods=[{"method": "linear-probe"}, {"method": "bitfit"}]), "p.yaml")
+    cells = [_result("bitfit", "bitfit", 1, False, 0, 0.3, 0), _result("linear-probe", "linear-probe", 1, False, 0, 0.5, 1)]
+
+    def rows(results: list[CellResult]) -> list[str]:
+        lines = markdown(results).splitlines()
+        return [line.split(" | ")[0][2:] for line in lines if line.startswith("| ") and "k=" not in line]
+
+    assert rows(cells) == ["bitfit", "linear-probe"]
+    assert rows(runner_module.in_protocol_order(cells, protocol)) == ["linear-probe", "bitfit"]

@@ -311,6 +311,19 @@ def read_cells(folders: Sequence[str | Path]) -> list[CellResult]:
     return list(found.values())
 
 
+def in_protocol_order(cells: Sequence[CellResult], protocol: Protocol) -> list[CellResult]:
+    """The cells with their task and row positions taken from ``protocol`` (cells written under an
+    earlier version of it, before a row was added, carry the positions of that version); a task or
+    row label the protocol lacks goes last."""
+    tasks = {t.name: i for i, t in enumerate(protocol.tasks)}
+    rows = {m.row_label: i for i, m in enumerate(protocol.methods)}
+    return [
+        dataclasses.replace(d, cell=dataclasses.replace(
+            d.cell, task_index=tasks.get(d.cell.task, len(tasks)), method_index=rows.get(d.cell.label, len(rows))))
+        for d in cells
+    ]  # fmt: skip
+
+
 def merge(folders: Sequence[str | Path], out: str | Path) -> list[CellResult]:
     """Copy the cells (and adapters) of several benchmark folders into ``out``.
 
@@ -426,6 +439,8 @@ def write_results(cells: Sequence[CellResult], out: str | Path, protocol: Any = 
     """
     if not cells:
         raise DataError(f"{out}: no benchmark cell results to tabulate")
+    if protocol is not None:
+        cells = in_protocol_order(cells, protocol)
     metrics = protocol.metrics if protocol is not None else ("dice", "hd95", "nsd")
     title = f"fseft benchmark: {protocol.name}" if protocol is not None else "fseft benchmark"
     paths = write_outputs(cells, out, metrics, title)
@@ -445,6 +460,7 @@ __all__ = [
     "evaluate_queries",
     "merge",
     "read_cells",
+    "in_protocol_order",
     "run_cell",
     "run_cells",
 ]

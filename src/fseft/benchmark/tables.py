@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..io_utils import write_text_atomic
-from ..report.groups import format_bytes, mean_over_tasks, partial_column_note, tasks_by_column
+from ..report.groups import cell_mean, format_bytes, mean_over_tasks, partial_column_note, tasks_by_column
 from .ceilings import ceiling_rows
 from .cells import SCORES, CellCost, CellResult
 from .planning import ALL
@@ -63,7 +63,7 @@ def per_seed_rows(cells: Sequence[CellResult]) -> list[dict[str, Any]]:
     rows = []
     for data in _ordered(cells):
         c = data.cell
-        means = {key: _mean([getattr(m, key) for m in data.metrics]) for key in SCORES}
+        means = {key: cell_mean(data, key) for key in SCORES}
         rows.append({"task": c.task, "group": c.group, "method": c.label, "k": c.k,
                      "seed": c.seed, "structure": c.task, **means})  # fmt: skip
     return rows
@@ -123,7 +123,7 @@ def group_table(cells: Sequence[CellResult], group: str, metric: str = "dice", *
     present = {column: set(t) for column, t in tasks_by_column(mine).items()}
     for d in mine:
         c = d.cell
-        value = _mean([getattr(m, key) for m in d.metrics])
+        value = cell_mean(d, key)
         # a method that trains nothing (zero-shot) has one cell, shown under every k
         cols = [str(k) for k in columns] if d.k_independent else [c.column]
         for column in cols:

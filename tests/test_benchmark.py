@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -401,6 +402,21 @@ def test_a_task_with_its_own_k_is_averaged_only_where_it_has_cells():
     scores = summary.methods[0].scores
     assert [scores[("dice", c)].mean for c in ("1", "3", "5")] == pytest.approx([0.3, 0.3, 0.6])
     assert summary.partial_columns() == {"3": ("esophagus",), "5": ("larynx",)}
+
+
+def test_markdown_and_html_tables_share_rows_and_costs():
+    """A row run on only some of the group's tasks is left out with a note (as in the HTML report);
+    the cost columns are the means over the row's cells, except peak memory: the largest."""
+    cells = [_result("lp", "linear-probe", 1, False, 0, 0.5, 0, task) for task in ("larynx", "esophagus")]
+    cells += [_result("bitfit", "bitfit", 1, False, 0, 0.3, 1, "larynx")]
+    cells = [replace(d, cost=replace(d.cost, peak_memory_bytes=mib << 20, adapt_wall_s=float(mib)))
+             for d, mib in zip(cells, (1, 3, 7), strict=True)]  # fmt: skip
+    table = group_table(cells, "base")
+    assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")][1:] == ["| lp"]
+    assert "Left out (not run on every task of the group): bitfit" in table
+    row = next(line for line in table.splitlines() if line.startswith("| lp |")).strip("| ").split(" | ")
+    assert row[1:] == ["0.500", "1", "1 B", "3.0 MiB", "2.0 s"]
+    assert summarise_group(cells, "base").incomplete == ("bitfit",)
 
 
 def test_parse_protocol_names_the_source():

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from ..io_utils import write_text_atomic
-from ..report.groups import cell_mean, format_bytes, mean_over_tasks, partial_column_note, tasks_by_column
+from ..report.groups import Stat, cell_mean, format_bytes, partial_column_note, summarise_group
 from .ceilings import ceiling_rows
-from .cells import SCORES, CellCost, CellResult
+from .cells import SCORES, CellResult
 from .planning import ALL
 
 PER_CASE_CSV = "results_per_case.csv"
@@ -35,6 +35,11 @@ PER_CASE_COLUMNS = (
     "adapter_bytes", "peak_memory_bytes", "adapt_wall_s",
 )  # fmt: skip
 PER_SEED_COLUMNS = ("task", "group", "method", "k", "seed", "structure", "dice", "hd95_mm", "nsd")
+COST_NOTE = (
+    "Cost columns: trainable parameters, adapter file size and adaptation wall time are means over the "
+    "row's cells of the group; peak memory is the largest over them (on a GPU the CUDA max allocated, on "
+    "CPU the process's peak resident set, which includes the loaded model and cached features)."
+)
 _METRIC_NAMES = {"dice": ("dice", "Dice"), "nsd": ("nsd", "NSD"), "hd95": ("hd95_mm", "HD95 (mm)")}
 
 
@@ -101,72 +106,51 @@ def _csv_value(value: Any) -> Any:
 def group_table(cells: Sequence[CellResult], group: str, metric: str = "dice", *, cost: bool = True) -> str:
     """The Markdown table of one task group: rows methods, columns k, mean ± std over seeds.
 
+    Drawn from :func:`fseft.report.groups.summarise_group`, as the HTML report's table is.
+
     Args:
         cells: Cell results (any order; only those of ``group`` are used).
         group: Task group.
         metric: ``dice``, ``nsd`` or ``hd95``.
-        cost: Add the cost columns (trainable parameters, adapter file size, peak memory and
-            adaptation wall time, averaged over the method's cells in the group).
+        cost: Add the cost columns (trainable parameters, adapter file size and adaptation wall
+            time averaged over the method's cells in the group; the largest peak memory).
 
     Returns:
-        The table (with a title line).
+        The table (with a title line and notes on rows left out and columns over some tasks).
     """
     key, title = _METRIC_NAMES[metric]
-    mine = [d for d in _ordered(cells) if d.cell.group == group]
-    tasks = list(dict.fromkeys(d.cell.task for d in mine))
-    methods = list(dict.fromkeys(d.cell.label for d in sorted(mine, key=lambda d: d.cell.method_index)))
-    columns = sorted({d.cell.k for d in mine if not d.cell.all_train})
-    has_all = any(d.cell.all_train for d in mine)
-    # (method, column, seed) -> task -> value (mean over queries and structures)
-    values: dict[tuple[str, str, int], dict[str, float]] = {}
-    # tasks averaged in each column: those with a cell there (a task may have its own k, e.g. [1, 3])
-    present = {column: set(t) for column, t in tasks_by_column(mine).items()}
-    for d in mine:
-        c = d.cell
-        value = cell_mean(d, key)
-        # a method that trains nothing (zero-shot) has one cell, shown under every k
-        cols = [str(k) for k in columns] if d.k_independent else [c.column]
-        for column in cols:
-            values.setdefault((c.label, column, c.seed), {})[c.task] = value
-    ceilings = ceiling_rows(mine)
-    gap = f"k={columns[-1]} − {ALL}" if has_all and columns else None
-    heads = [f"k={k}" for k in columns] + ([ALL] if has_all else []) + ([gap] if gap else [])
+    summary = summarise_group(cells, group)
+    rows = {row.label: row for row in summary.methods}
+    owners = ceiling_rows([d for d in cells if d.cell.group == group])
+    tasks = summary.column_tasks
+    ks = [c for c in summary.columns if c != ALL]
+    has_all = ALL in summary.columns
+    gap = f"k={ks[-1]} − {ALL}" if has_all and ks else None
+    heads = [f"k={k}" for k in ks] + ([ALL] if has_all else []) + ([gap] if gap else [])
     costs = ["trainable params", "adapter size", "peak memory", "adapt time"] if cost else []
     lines = [
-        f"**{group}** tasks ({', '.join(tasks)}): {title}, mean ± std over seeds",
+        f"**{group}** tasks ({', '.join(summary.tasks)}): {title}, mean ± std over seeds",
         "",
         "| method | " + " | ".join(heads + costs) + " |",
         "|---|" + "---:|" * (len(heads) + len(costs)),
     ]
-
-    def per_seed(method: str, column: str, only: set[str] | None = None) -> dict[int, float]:
-        expected = present.get(column, set(tasks)) if only is None else only
-        return {
-            seed: mean_over_tasks(by_task, expected)
-            for (m, col, seed), by_task in values.items()
-            if m == method and col == column
-        }
-
-    for method in methods:
-        row = [method] + [mean_std(list(per_seed(method, str(k)).values())) for k in columns]
-        owner = ceilings.get(method)
+    for row in summary.methods:
+        text = [row.label] + [stat_text(row.scores[(key, k)]) for k in ks]
+        owner = rows.get(owners.get(row.label, row.label))
         if has_all:
-            own = owner == method or owner is None
-            text = mean_std(list(per_seed(method if own else owner, ALL).values()))
-            row.append(text if own or text == "–" else f"({text})")
+            ceiling = stat_text(owner.scores[(key, ALL)]) if owner else "–"
+            text.append(ceiling if owner is row or ceiling == "–" else f"({ceiling})")
         if gap:
-            # the same tasks on both sides
-            both = present.get(str(columns[-1]), set(tasks)) & present.get(ALL, set(tasks))
-            row.append(
-                _gap(per_seed(method, str(columns[-1]), both), per_seed(owner, ALL, both) if owner else {})
-            )
+            both = set(tasks[ks[-1]]) & set(tasks[ALL])  # the same tasks on both sides
+            few = row.seed_means(key, ks[-1], both)
+            text.append(_gap(few, owner.seed_means(key, ALL, both) if owner else {}))
         if cost:
-            row += _cost_cells([d.cost for d in mine if d.cell.label == method])
-        lines.append("| " + " | ".join(row) + " |")
-    partial = [
-        col for col in [str(k) for k in columns] + [ALL] if col in present and present[col] != set(tasks)
-    ]
-    lines += ["\n" + partial_column_note(col, [t for t in tasks if t in present[col]]) for col in partial]
+            text += [f"{row.trainable_params:,}", format_bytes(row.adapter_bytes),
+                     format_bytes(row.peak_memory_bytes), f"{row.mean_adapt_s:.1f} s"]  # fmt: skip
+        lines.append("| " + " | ".join(text) + " |")
+    if summary.incomplete:
+        lines.append(f"\nLeft out (not run on every task of the group): {', '.join(summary.incomplete)}")
+    lines += ["\n" + partial_column_note(c, kept) for c, kept in summary.partial_columns().items()]
     return "\n".join(lines)
 
 
@@ -179,20 +163,14 @@ def _gap(few: Mapping[int, float], ceiling: Mapping[int, float]) -> str:
 
 def mean_std(values: Sequence[float]) -> str:
     """``mean ± std`` (ddof=1) of the finite values, the value alone when there is one, ``–`` when none."""
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
+    return stat_text(Stat.of(values))
+
+
+def stat_text(stat: Stat) -> str:
+    """``mean ± std``, the mean alone from one seed, ``–`` from none."""
+    if not stat.n:
         return "–"
-    if len(finite) == 1:
-        return f"{finite[0]:.3f}"
-    return f"{np.mean(finite):.3f} ± {np.std(finite, ddof=1):.3f}"
-
-
-def _cost_cells(costs: Sequence[CellCost]) -> list[str]:
-    params = int(np.mean([c.trainable_params for c in costs]))
-    size = float(np.mean([c.adapter_bytes for c in costs]))
-    memory = float(np.mean([c.peak_memory_bytes for c in costs]))
-    wall = float(np.mean([c.adapt_wall_s for c in costs]))
-    return [f"{params:,}", format_bytes(size), format_bytes(memory), f"{wall:.1f} s"]
+    return f"{stat.mean:.3f}" if stat.n == 1 else f"{stat.mean:.3f} ± {stat.std:.3f}"
 
 
 def markdown(cells: Sequence[CellResult], metrics: Sequence[str] = ("dice",), title: str = "") -> str:
@@ -201,6 +179,7 @@ def markdown(cells: Sequence[CellResult], metrics: Sequence[str] = ("dice",), ti
     ordered = _ordered(cells)
     groups = list(dict.fromkeys(d.cell.group for d in ordered))
     parts = [f"# {title}"] if title else []
+    parts.append(COST_NOTE)
     for group in groups:
         parts.append(group_table(cells, group, "dice"))
         parts += [group_table(cells, group, m, cost=False) for m in metrics if m != "dice"]
@@ -231,6 +210,7 @@ def write_outputs(
 
 __all__ = [
     "mean_std",
+    "stat_text",
     "PER_CASE_CSV",
     "PER_SEED_CSV",
     "TABLES_MD",

@@ -6,7 +6,9 @@ within a group a method's value for one seed and ``k`` is the mean over the grou
 that ``k`` (a task may have its own support sizes, e.g. esophagus [1, 3]); a method that lacks one
 of the group's tasks never enters that mean (it is listed as incomplete);
 the tables show the mean ± standard deviation of that over seeds. Cost columns average the
-method's cells of the group (adaptation time per ``k``).
+method's cells of the group (adaptation time also per ``k``), except peak memory: the largest.
+The Markdown tables (:mod:`fseft.benchmark.tables`) and the HTML report are both drawn from
+:func:`summarise_group`.
 """
 
 from __future__ import annotations
@@ -56,22 +58,31 @@ class MethodSummary:
     Args:
         label: Row label.
         scores: ``(metric key, column)`` -> statistic over seeds.
+        by_seed: ``(metric key, column)`` -> seed -> task -> the cell's mean (what ``scores`` is
+            computed from; see :meth:`seed_means`).
         per_case: Column -> Dice of every (task, query case, structure, seed).
         trainable_params: Mean trainable parameters.
         adapter_bytes: Mean adapter file size.
         peak_memory_bytes: Largest peak memory of the adaptations.
         memory_kind: What the peak memory measures.
         adapt_s: Column -> mean adaptation wall time.
+        mean_adapt_s: Mean adaptation wall time over all the method's cells of the group.
     """
 
     label: str
     scores: Mapping[tuple[str, str], Stat]
+    by_seed: Mapping[tuple[str, str], Mapping[int, Mapping[str, float]]]
     per_case: Mapping[str, tuple[float, ...]]
     trainable_params: int
     adapter_bytes: float
     peak_memory_bytes: float
     memory_kind: str
     adapt_s: Mapping[str, float]
+    mean_adapt_s: float
+
+    def seed_means(self, key: str, column: str, tasks: Iterable[str]) -> dict[int, float]:
+        """Seed -> ``key`` in ``column`` averaged over ``tasks`` (NaN for a seed missing one of them)."""
+        return _seed_means(self.by_seed.get((key, column), {}), tuple(tasks))
 
 
 @dataclass(frozen=True)
@@ -136,6 +147,11 @@ def mean_over_tasks(by_task: Mapping[str, float], expected: Iterable[str]) -> fl
     return float(np.mean(finite)) if finite else math.nan
 
 
+def _seed_means(by_seed: Mapping[int, Mapping[str, float]], tasks: Iterable[str]) -> dict[int, float]:
+    tasks = tuple(tasks)
+    return {seed: mean_over_tasks(by_task, tasks) for seed, by_task in by_seed.items()}
+
+
 def partial_column_note(column: str, kept: Sequence[str]) -> str:
     """The footnote of a column averaged over only some of a group's tasks."""
     head = f"k={column}" if column.isdigit() else column
@@ -178,32 +194,28 @@ def _method_summary(
     label: str, own: Sequence[CellResult], column_tasks: Mapping[str, Sequence[str]]
 ) -> MethodSummary:
     columns = list(column_tasks)
-    # (metric, column, seed) -> task -> value
-    values: dict[tuple[str, str, int], dict[str, float]] = {}
+    by_seed: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
     per_case: dict[str, list[float]] = {c: [] for c in columns}
     adapt: dict[str, list[float]] = {c: [] for c in columns}
     for d in own:
         for column in cell_columns(d, columns):
             for key, _ in GROUP_METRICS:
-                values.setdefault((key, column, d.cell.seed), {})[d.cell.task] = cell_mean(d, key)
+                by_seed.setdefault((key, column), {}).setdefault(d.cell.seed, {})[d.cell.task] = cell_mean(d, key)
             per_case[column] += [float(m.dice) for m in d.metrics if m.dice is not None]
             adapt[column].append(d.cost.adapt_wall_s)
-    scores = {}
-    for key, _ in GROUP_METRICS:
-        for column in columns:
-            per_seed = [
-                mean_over_tasks(by_task, column_tasks[column])
-                for (k, c, _), by_task in values.items()
-                if k == key and c == column
-            ]
-            scores[(key, column)] = Stat.of(per_seed)
+    scores = {
+        (key, c): Stat.of(_seed_means(by_seed.get((key, c), {}), column_tasks[c]).values())
+        for key, _ in GROUP_METRICS
+        for c in columns
+    }
     costs = [d.cost for d in own]
     return MethodSummary(
-        label=label, scores=scores, per_case={c: tuple(v) for c, v in per_case.items()},
+        label=label, scores=scores, by_seed=by_seed, per_case={c: tuple(v) for c, v in per_case.items()},
         trainable_params=int(np.mean([c.trainable_params for c in costs])),
         adapter_bytes=float(np.mean([c.adapter_bytes for c in costs])),
         peak_memory_bytes=float(max(c.peak_memory_bytes for c in costs)), memory_kind=costs[0].memory_kind,
         adapt_s={c: float(np.mean(v)) for c, v in adapt.items() if v},
+        mean_adapt_s=float(np.mean([c.adapt_wall_s for c in costs])),
     )  # fmt: skip
 
 

@@ -113,6 +113,9 @@ def test_shipped_protocols_parse():
         ({"train": {"max_epoch": 3}}, "train: unknown AdaptTrainConfig option"),
         ({"method": []}, "unknown field(s) ['method']"),
         ({"methods": [{"method": "lora", "train": {"max_step": 9}}]}, "methods[0] (lora): unknown AdaptTrainConfig"),
+        ({"methods": [{"method": "lora", "tasks": ["liverr"]}]}, "methods[0] (lora): tasks ['liverr'] name no task"),
+        ({"methods": [{"method": "lora", "k": [0]}]}, "methods[0] (lora): k: support sizes must be"),
+        ({"methods": [{"method": "lora", "k": [7]}]}, "methods[0] (lora): its groups, tasks and k select no cell"),
     ],
 )
 def test_invalid_protocols_fail_with_one_line(tmp_path, change, message):
@@ -486,6 +489,29 @@ def test_a_rows_own_training_budget_reaches_its_cells_only(workspace, tmp_path):
     assert result.record["train_config"]["max_epochs"] == 3 and result.record["epochs_run"] <= 3
     page = build_benchmark_report([result], tmp_path / "r.html", protocol=p1.protocol).read_text(encoding="utf-8")
     assert "lr 0.01, max_epochs 3;" in page  # the report's list of rows names the row's own budget
+
+
+def test_a_row_may_run_on_some_tasks_and_k_only(workspace, tmp_path):
+    """An expensive recipe runs where its question is (a task, a k); the other rows' cells and every
+    cell's hash stay as they were without the selection."""
+    tasks = [{"name": "pancreas", "group": "base", "structures": ["pancreas"]},
+             {"name": "again", "group": "base", "structures": ["pancreas"]}]  # fmt: skip
+    plain = protocol_dict(**LP_ONLY, tasks=tasks, seeds=[0])
+    row = {"method": "linear-probe", "label": "long", "train": {"max_epochs": 3}}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    everywhere, selected = (
+        plan(load_protocol(write_protocol(tmp_path / name, {**plain, "methods": [*plain["methods"], r]})),
+             data_root=workspace["root"], model=str(workspace["model"]), out=tmp_path / "out")
+        for name, r in (("a", row), ("b", {**row, "tasks": ["again"], "k": [2]}))
+    )  # fmt: skip
+    assert [(c.task, c.k) for c in selected.cells if c.label == "long"] == [("again", 2)]
+    hashes = {c.cell_id: everywhere.config_hash(c) for c in everywhere.cells}
+    assert {c.cell_id: selected.config_hash(c) for c in selected.cells}.items() <= hashes.items()
+    assert len(selected.cells) == len(everywhere.cells) - 3
+    model = load_model(str(workspace["model"]))
+    results = [runner_module.run_cell(selected, c, model, tmp_path / "out") for c in selected.cells if c.k == 2]
+    page = build_benchmark_report(results, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "groups: base; tasks: again)" in page  # the report's list of rows says where it ran
 
 
 def test_the_transductive_difference_pairs_seeds():

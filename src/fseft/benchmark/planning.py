@@ -121,8 +121,9 @@ class Plan:
             "model": self.model,
             "task": {**_plain(task.spec), "pool": [c.case_id for c in task.pool],
                      "queries": [c.case_id for c in task.queries]},
-            # a row's own train overrides are part of "train" (so rows without any keep their hash)
-            "method": {k: v for k, v in _plain(self.method(cell)).items() if k != "train"},
+            # a row's own train overrides are part of "train" (so rows without any keep their hash);
+            # where a row runs (its tasks and k) never changes a cell's result
+            "method": {k: v for k, v in _plain(self.method(cell)).items() if k not in _NOT_RESULT},
             "k": cell.k,
             "all_train": cell.all_train,
             "seed": cell.seed,
@@ -137,6 +138,10 @@ class Plan:
         """Short hash of :meth:`cell_config`."""
         text = json.dumps(self.cell_config(cell), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+#: MethodSpec fields left out of a cell's configuration dict ("groups" predates this and stays in).
+_NOT_RESULT = ("train", "tasks", "k")
 
 
 def _plain(spec: Any) -> dict[str, Any]:
@@ -371,7 +376,7 @@ def _dry_run(protocol: Protocol, tasks: Sequence[TaskCases], model_name: str) ->
     fingerprint = base.fingerprint()
     for task in tasks:
         for i, spec in enumerate(protocol.methods):
-            if spec.groups is not None and task.spec.group not in spec.groups:
+            if not spec.runs_on(task.spec):
                 continue
             try:
                 apply_method(base, spec.method, task.spec.structures, task.spec.task, spec.method_config(),
@@ -386,13 +391,13 @@ def _cells(protocol: Protocol, tasks: Sequence[TaskCases]) -> list[Cell]:
     cells = []
     for ti, task in enumerate(tasks):
         for mi, spec in enumerate(protocol.methods):
-            if spec.groups is not None and task.spec.group not in spec.groups:
+            if not spec.runs_on(task.spec):
                 continue
-            ks = task.spec.support_sizes(protocol.k)
+            ks = spec.support_sizes(task.spec, protocol.k)
             sizes = [(k, False) for k in ks]
             trains_nothing = get_method(spec.method).paper_lr is None  # deterministic too
             if trains_nothing:  # one cell stands for every k
-                sizes = [(min(ks), False)]
+                sizes = [(min(ks), False)] if ks else []
             elif spec.all_train and len(task.pool) not in ks:
                 sizes.append((len(task.pool), True))
             seeds = protocol.seeds[:1] if trains_nothing else protocol.seeds

@@ -221,6 +221,9 @@ class MethodSpec:
         transductive: Constrained transductive inference on the task's queries (black-box methods).
         transductive_options: :class:`~fseft.adapt.transductive.TransductiveConfig` fields.
         groups: Run only on tasks of these groups (e.g. zero-shot on ``base``); None: all.
+        tasks: Run only on these tasks (with ``groups``: on tasks that pass both); None: all.
+        k: Run only these of a task's support sizes (the ``all`` column is ``all_train``'s); None:
+            all of them. ``tasks`` and ``k`` let an expensive recipe stand where a question needs it.
         all_train: Also train on every support case of the pool (the upper-bound column ``all``).
         train: This row's :class:`~fseft.adapt.trainer.AdaptTrainConfig` overrides, over the
             protocol's ``train`` (e.g. a longer budget for one recipe); the label says so.
@@ -233,8 +236,19 @@ class MethodSpec:
     transductive: bool = False
     transductive_options: dict[str, Any] = field(default_factory=dict)
     groups: tuple[str, ...] | None = None
+    tasks: tuple[str, ...] | None = None
+    k: tuple[int, ...] | None = None
     all_train: bool = False
     train: dict[str, Any] = field(default_factory=dict)
+
+    def runs_on(self, task: TaskSpec) -> bool:
+        """Whether this row has cells on ``task`` (its ``groups`` and ``tasks``)."""
+        return (self.groups is None or task.group in self.groups) and (self.tasks is None or task.name in self.tasks)
+
+    def support_sizes(self, task: TaskSpec, default: Sequence[int]) -> tuple[int, ...]:
+        """This row's support sizes on ``task``: the task's (its own or ``default``), kept to ``k``."""
+        sizes = task.support_sizes(default)
+        return sizes if self.k is None else tuple(k for k in sizes if k in self.k)
 
     def method_config(self) -> Any:
         """The method's config dataclass (decoder/bottleneck policies and options applied).
@@ -445,6 +459,13 @@ def validate(protocol: Protocol) -> None:
         unknown = sorted(set(spec.groups or ()) - groups)
         if unknown:
             raise ConfigError(f"{where}: groups {unknown} name no task group; groups: {sorted(groups)}")
+        unknown = sorted(set(spec.tasks or ()) - set(names))
+        if unknown:
+            raise ConfigError(f"{where}: tasks {unknown} name no task; tasks: {names}")
+        if spec.k is not None:
+            _check_sizes(spec.k, f"{where}: k")
+        if not any(spec.runs_on(t) and (spec.support_sizes(t, protocol.k) or spec.all_train) for t in protocol.tasks):
+            raise ConfigError(f"{where}: its groups, tasks and k select no cell")
         labels.append(spec.row_label)
     dupes = sorted({label for label in labels if labels.count(label) > 1})
     if dupes:

@@ -153,8 +153,16 @@ def _method_text(label: str, cells: Sequence[CellResult], colors: Mapping[str, s
     parts += [f"{html.escape(k)} {_value(v)}" for k, v in d.config.get("train", {}).items() if train.get(k) != v]
     if d.transductive:
         parts.append("transductive")
-    groups = sorted({c.cell.group for c in cells if c.cell.label == label})
-    return f"{_swatch(label, colors)} <span class='muted'>({', '.join(parts)}; groups: {', '.join(groups)})</span>"
+    mine = [c for c in cells if c.cell.label == label]
+    groups = sorted({c.cell.group for c in mine})
+    where = [f"groups: {', '.join(groups)}"]
+    around = [c for c in cells if c.cell.group in groups]  # a row may run on some tasks or k only
+    tasks = ({c.cell.task for c in mine}, {c.cell.task for c in around})
+    ks = tuple({c.cell.k for c in rows if not (c.cell.all_train or c.k_independent)} for rows in (mine, around))
+    for name, (own, every) in (("tasks", tasks), ("k", ks)):
+        if own and own != every:
+            where.append(f"{name}: {', '.join(map(str, sorted(own)))}")
+    return f"{_swatch(label, colors)} <span class='muted'>({', '.join(parts)}; {'; '.join(where)})</span>"
 
 
 def _overrides(values: Mapping[str, Any], defaults: Any, whose: str) -> str:

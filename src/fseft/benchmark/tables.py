@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from ..io_utils import write_text_atomic
-from ..report.groups import Stat, cell_mean, format_bytes, partial_column_note, summarise_group
+from ..report.groups import (
+    Stat,
+    cell_mean,
+    format_bytes,
+    incomplete_note,
+    partial_column_note,
+    summarise_group,
+)
 from .ceilings import ceiling_rows
 from .cells import SCORES, CellResult
 from .planning import ALL
@@ -135,10 +142,10 @@ def group_table(cells: Sequence[CellResult], group: str, metric: str = "dice", *
         "|---|" + "---:|" * (len(heads) + len(costs)),
     ]
     for row in summary.methods:
-        text = [row.label] + [stat_text(row.scores[(key, k)]) for k in ks]
+        text = [row.label] + [row.scores[(key, k)].text() for k in ks]
         owner = rows.get(owners.get(row.label, row.label))
         if has_all:
-            ceiling = stat_text(owner.scores[(key, ALL)]) if owner else "–"
+            ceiling = owner.scores[(key, ALL)].text() if owner else "–"
             text.append(ceiling if owner is row or ceiling == "–" else f"({ceiling})")
         if gap:
             both = set(tasks[ks[-1]]) & set(tasks[ALL])  # the same tasks on both sides
@@ -149,7 +156,7 @@ def group_table(cells: Sequence[CellResult], group: str, metric: str = "dice", *
                      format_bytes(row.peak_memory_bytes), f"{row.mean_adapt_s:.1f} s"]  # fmt: skip
         lines.append("| " + " | ".join(text) + " |")
     if summary.incomplete:
-        lines.append(f"\nLeft out (not run on every task of the group): {', '.join(summary.incomplete)}")
+        lines.append("\n" + incomplete_note(summary.incomplete))
     lines += ["\n" + partial_column_note(c, kept) for c, kept in summary.partial_columns().items()]
     return "\n".join(lines)
 
@@ -163,14 +170,7 @@ def _gap(few: Mapping[int, float], ceiling: Mapping[int, float]) -> str:
 
 def mean_std(values: Sequence[float]) -> str:
     """``mean ± std`` (ddof=1) of the finite values, the value alone when there is one, ``–`` when none."""
-    return stat_text(Stat.of(values))
-
-
-def stat_text(stat: Stat) -> str:
-    """``mean ± std``, the mean alone from one seed, ``–`` from none."""
-    if not stat.n:
-        return "–"
-    return f"{stat.mean:.3f}" if stat.n == 1 else f"{stat.mean:.3f} ± {stat.std:.3f}"
+    return Stat.of(values).text()
 
 
 def markdown(cells: Sequence[CellResult], metrics: Sequence[str] = ("dice",), title: str = "") -> str:
@@ -210,7 +210,6 @@ def write_outputs(
 
 __all__ = [
     "mean_std",
-    "stat_text",
     "PER_CASE_CSV",
     "PER_SEED_CSV",
     "TABLES_MD",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import html
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -206,14 +205,6 @@ def _reading_section(cells: Sequence[CellResult]) -> str:
     )
 
 
-def _stat_text(stat: g.Stat, key: str) -> str:
-    if not stat.n:
-        return "–"
-    digits = 1 if key in _LOWER_IS_BETTER else 3
-    spread = "" if math.isnan(stat.std) else f" ± {stat.std:.{digits}f}"
-    return f"{stat.mean:.{digits}f}{spread}"
-
-
 def _group_section(summary: g.GroupSummary, cells: Sequence[CellResult], colors: Mapping[str, str]) -> str:
     cols = summary.columns
     metric_heads = "".join(f"<th colspan='{len(cols)}'>{html.escape(t)}</th>" for _, t in g.GROUP_METRICS)
@@ -234,7 +225,7 @@ def _group_section(summary: g.GroupSummary, cells: Sequence[CellResult], colors:
             for c in cols:
                 stat = row.scores[(key, c)]
                 cls = _dice_class(stat.mean) if key == "dice" and stat.n else ""
-                text = _stat_text(stat, key)
+                text = stat.text(1 if key in _LOWER_IS_BETTER else 3)
                 if stat.n and stat.mean == best.get((key, c)):
                     text = f"<b>{text}</b>"
                 tds.append(f"<td class='{cls}'>{text}</td>")
@@ -248,11 +239,11 @@ def _group_section(summary: g.GroupSummary, cells: Sequence[CellResult], colors:
     if missing:
         notes.append(f"Not run on this group: {html.escape(', '.join(missing))}.")
     if summary.incomplete:
-        notes.append(f"Left out (not run on every task of the group): {html.escape(', '.join(summary.incomplete))}.")
+        notes.append(html.escape(g.incomplete_note(summary.incomplete)) + ".")
     notes += [html.escape(g.partial_column_note(c, kept)) + "." for c, kept in summary.partial_columns().items()]
     memory = {r.memory_kind for r in summary.methods}
     notes.append("Peak memory: " + ", ".join(sorted(memory)) + " (the process's, so it includes the model and "
-                 "the data); costs are means over the method's cells of the group.")  # fmt: skip
+                 "the data), the largest over the method's cells of the group; the other costs are means over them.")  # fmt: skip
     png = bf.group_figure(summary.group, g.curves(summary),
                           {r.label: r.per_case for r in summary.methods}, cols, colors)  # fmt: skip
     title = f"{summary.group.capitalize()} structures ({', '.join(summary.tasks)})"

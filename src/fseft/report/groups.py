@@ -50,6 +50,13 @@ class Stat:
         std = float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
         return cls(float(np.mean(finite)), std, len(finite))
 
+    def text(self, digits: int = 3) -> str:
+        """``mean ± std``, the mean alone from one seed, ``–`` from none."""
+        if not self.n:
+            return "–"
+        spread = "" if math.isnan(self.std) else f" ± {self.std:.{digits}f}"
+        return f"{self.mean:.{digits}f}{spread}"
+
 
 @dataclass(frozen=True)
 class MethodSummary:
@@ -82,7 +89,7 @@ class MethodSummary:
 
     def seed_means(self, key: str, column: str, tasks: Iterable[str]) -> dict[int, float]:
         """Seed -> ``key`` in ``column`` averaged over ``tasks`` (NaN for a seed missing one of them)."""
-        return _seed_means(self.by_seed.get((key, column), {}), tuple(tasks))
+        return _seed_means(self.by_seed.get((key, column), {}), tasks)
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,11 @@ def mean_over_tasks(by_task: Mapping[str, float], expected: Iterable[str]) -> fl
 def _seed_means(by_seed: Mapping[int, Mapping[str, float]], tasks: Iterable[str]) -> dict[int, float]:
     tasks = tuple(tasks)
     return {seed: mean_over_tasks(by_task, tasks) for seed, by_task in by_seed.items()}
+
+
+def incomplete_note(labels: Sequence[str]) -> str:
+    """The footnote naming the rows left out of a group's table (see :attr:`GroupSummary.incomplete`)."""
+    return f"Left out (not run on every task of the group): {', '.join(labels)}"
 
 
 def partial_column_note(column: str, kept: Sequence[str]) -> str:
@@ -263,6 +275,7 @@ __all__ = [
     "curves",
     "format_bytes",
     "groups",
+    "incomplete_note",
     "method_labels",
     "summarise_group",
 ]

@@ -30,6 +30,7 @@ from fseft.cli import main
 from fseft.data.image import Image
 from fseft.data.io import write_image
 from fseft.errors import ConfigError, DataError
+from fseft.io_utils import file_lock
 from fseft.models import load_model, save_model
 from fseft.report.benchmark_page import build_benchmark_report
 from fseft.report.groups import summarise_group
@@ -365,6 +366,38 @@ def test_shards_merge_to_the_unsharded_result(workspace, reference, tmp_path):
     cell.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="computed under a different configuration"):
         run_benchmark(path, tmp_path / "shard1", data_root=workspace["root"], model=str(workspace["model"]))
+
+
+@pytest.mark.slow
+def test_runs_sharing_a_folder_split_its_cells(workspace, reference, tmp_path, monkeypatch):
+    """A cell locked by another run is left to it; a cell another run finished meanwhile is not redone."""
+    path = write_protocol(tmp_path, protocol_dict(**LP_ONLY))
+    out = tmp_path / "out"
+    cells = plan(load_protocol(path), data_root=workspace["root"], out=out).cells
+    busy, finished_elsewhere = cells[0], cells[2]
+    real, calls, events = runner_module.run_cell, [], []
+
+    def other_run_finishes_a_cell(plan, cell, *args, **kwargs):
+        calls.append(cell.cell_id)
+        if len(calls) == 1:  # while this run computes its first cell, another run writes a later one
+            done = runner_module.cell_path(reference, finished_elsewhere)
+            (out / "cells").mkdir(parents=True, exist_ok=True)
+            runner_module.cell_path(out, finished_elsewhere).write_bytes(done.read_bytes())
+        return real(plan, cell, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "run_cell", other_run_finishes_a_cell)
+    claim = out / runner_module.CLAIMS_DIR / f"{busy.cell_id}.lock"
+    with file_lock(claim, wait=False) as held:  # another run is computing the first cell
+        assert held
+        run_benchmark(path, out, data_root=workspace["root"], model=str(workspace["model"]),
+                      on_cell=lambda e: events.append((e.stage, e.cell.cell_id)))  # fmt: skip
+    assert calls == [cells[1].cell_id, cells[3].cell_id]
+    assert ("claimed", busy.cell_id) in events and ("cached", finished_elsewhere.cell_id) in events
+    assert not runner_module.cell_path(out, busy).exists()
+    assert sorted(p.name for p in (out / runner_module.CLAIMS_DIR).iterdir()) == [claim.name]  # only the held one
+    calls.clear()  # the lock released (its holder gone), the next run computes the cell
+    run_benchmark(path, out, data_root=workspace["root"], model=str(workspace["model"]))
+    assert calls == [busy.cell_id] and _dice(out) == _dice(reference)
 
 
 def _result(label: str, method: str, k: int, all_train: bool, seed: int, dice: float, index: int,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +19,7 @@ from fseft.data.geometry import align_label
 from fseft.data.image import Image
 from fseft.data.io import CaseVolume, load_case, read_image, read_label, write_image
 from fseft.errors import ConfigError, DataError, GeometryError
+from fseft.io_utils import file_lock
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -455,3 +458,27 @@ def test_load_case_mask_folder_annotates_only_present_files(tmp_path: Path, ct: 
         load_case(declared, ["spleen", "liver"])
     with pytest.raises(ConfigError, match="duplicate"):
         load_case(case, ["liver", "liver"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="advisory locks are POSIX")
+def test_file_lock_is_exclusive_and_dies_with_its_holder(tmp_path: Path) -> None:
+    lock = tmp_path / "claims" / "cell.lock"
+    with file_lock(lock, wait=False) as first, file_lock(lock, wait=False) as second:
+        assert first and not second
+    with file_lock(lock, wait=False) as again:
+        assert again  # released with the block
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from fseft.io_utils import file_lock\nwith file_lock({str(lock)!r}):\n"
+         "    print('held', flush=True)\n    input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with file_lock(lock, wait=False) as taken:
+            assert not taken
+        holder.kill()  # a crash: the system releases its lock
+        holder.wait(timeout=30)
+        with file_lock(lock, wait=False) as taken:
+            assert taken
+    finally:
+        holder.kill()

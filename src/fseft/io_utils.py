@@ -37,6 +37,32 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str], *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` (created if absent) for the block; yields whether it was taken.
+
+    The operating system releases the lock when its holder exits, crash included, so a lock never
+    outlives the process that took it. ``wait=False``: a lock held by another process yields False
+    at once. On platforms without ``fcntl`` (Windows) nothing is locked and True is yielded.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; callers then rely on disjoint work (shards)
+        yield True
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:

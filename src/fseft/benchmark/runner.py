@@ -5,7 +5,10 @@ its hash), the adaptation record, the cost (trainable parameters, adapter file s
 adaptation wall time) and the per-query-case metrics. A cell whose file exists is never
 recomputed, so an interrupted benchmark resumes where it stopped; a file written under a different
 configuration is refused rather than silently mixed in. Shards (``--shard i/n``) are disjoint
-subsets of the same grid writing to the same kind of files; their folders merge by copying.
+subsets of the same grid writing to the same kind of files; their folders merge by copying. Runs
+sharing one output folder (shards or whole grids, started at any time) claim each cell with a lock
+while they compute it (``OUT/claims/``, released by the system if a run dies), so they split the
+remaining cells between them and none is computed twice.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from ..data.io import read_image, read_label
 from ..errors import ConfigError, DataError
 from ..evaluation import evaluate_masks
 from ..inference import PredictConfig, RefineHook, predict_image
-from ..io_utils import atomic_path, write_json_atomic, write_text_atomic
+from ..io_utils import atomic_path, file_lock, write_json_atomic, write_text_atomic
 from ..models import load_model, model_available
 from ..models.feature_store import FeatureStore, FeatureStoreConfig
 from ..report.benchmark_page import build_benchmark_report
@@ -50,6 +53,8 @@ from .tables import write_outputs
 logger = logging.getLogger(__name__)
 
 CELLS_DIR = "cells"
+#: Lock files of the cells being computed (:func:`run_cells`).
+CLAIMS_DIR = "claims"
 ADAPTERS_DIR = "adapters"
 #: One query case's slices per cell (:mod:`fseft.report.snapshots`), drawn by the report.
 SNAPSHOTS_DIR = "snapshots"
@@ -60,7 +65,8 @@ class CellEvent:
     """What the progress callback hears about a cell.
 
     Args:
-        stage: ``"start"``, ``"done"`` (computed now) or ``"cached"`` (its file already existed).
+        stage: ``"start"``, ``"done"`` (computed now), ``"cached"`` (its file already existed) or
+            ``"claimed"`` (another run on the same folder is computing it).
         index: Position in the cells being run (0-based).
         total: Number of cells being run.
         cell: The cell.
@@ -117,21 +123,34 @@ def run_cells(
             todo.append(cell)
     model = None
     store = features if features is not None else FeatureStore(FeatureStoreConfig.from_env())
-    for i, cell in enumerate(cells):
+    for i, (cell, path) in enumerate(zip(cells, paths, strict=True)):
+        event = functools.partial(CellEvent, index=i, total=len(cells), cell=cell)
         if cell not in todo:
-            if on_cell:
-                on_cell(CellEvent("cached", i, len(cells), cell))
+            _tell(on_cell, event("cached"))
             continue
-        if model is None:
-            model = _load_model(plan, out)
-        if on_cell:
-            on_cell(CellEvent("start", i, len(cells), cell))
-        start = time.perf_counter()
-        result = run_cell(plan, cell, model, out, on_epoch=on_epoch, features=store)
-        write_json_atomic(cell_path(out, cell), result.to_dict())
-        if on_cell:
-            on_cell(CellEvent("done", i, len(cells), cell, time.perf_counter() - start))
+        claim = out / CLAIMS_DIR / f"{cell.cell_id}.lock"
+        with file_lock(claim, wait=False) as mine:
+            if not mine:
+                _tell(on_cell, event("claimed"))
+                continue
+            done_elsewhere = path.is_file()  # by another run since the scan above
+            if done_elsewhere:
+                _check_cached(plan, cell, path)
+            else:
+                _tell(on_cell, event("start"))
+                if model is None:
+                    model = _load_model(plan, out)
+                start = time.perf_counter()
+                result = run_cell(plan, cell, model, out, on_epoch=on_epoch, features=store)
+                write_json_atomic(path, result.to_dict())
+            claim.unlink(missing_ok=True)  # safe: whoever locks a stale claim file re-checks the result
+        _tell(on_cell, event("cached") if done_elsewhere else event("done", seconds=time.perf_counter() - start))
     return paths
+
+
+def _tell(on_cell: Callable[[CellEvent], None] | None, event: CellEvent) -> None:
+    if on_cell:
+        on_cell(event)
 
 
 def _check_cached(plan: Plan, cell: Cell, path: Path) -> None:
@@ -148,15 +167,17 @@ def _check_cached(plan: Plan, cell: Cell, path: Path) -> None:
 
 def _load_model(plan: Plan, out: Path) -> Any:
     if not model_available(plan.model):
-        _build_model(plan, out)
+        if plan.protocol.model.build is None:
+            raise ConfigError(f"model {plan.model!r} not found")
+        with file_lock(Path(plan.model).parent / "build.lock"):  # one run builds it, the others wait
+            if not model_available(plan.model):
+                _build_model(plan, out)
     return load_model(plan.model, structures=task_structures(plan.tasks))
 
 
 def _build_model(plan: Plan, out: Path) -> None:
     """Pre-train the protocol's foundation model into ``OUT/foundation`` (its ``build`` recipe)."""
     build = plan.protocol.model.build
-    if build is None:
-        raise ConfigError(f"model {plan.model!r} not found")
     recipe = Path(plan.protocol.path).parent / build.assembly
     if not recipe.is_file():
         raise ConfigError(f"{plan.protocol.where}: model.build.assembly: {recipe} not found")

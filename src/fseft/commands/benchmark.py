@@ -55,7 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the FSEFT protocol described by a YAML file: every cell (task x method x k x seed) "
         "adapts the foundation model on a k-shot support set, predicts the query cases and scores them. "
         "Each finished cell is written to OUT/cells/ at once, so an interrupted run resumes where it "
-        "stopped; --shard i/n runs every n-th cell (shards may share OUT or be merged with --merge). "
+        "stopped. Runs started on the same OUT (one per core or machine, at any time) split its remaining "
+        "cells between them, each computed once; --shard i/n runs every n-th cell (shards may share OUT or "
+        "be merged with --merge). "
         "Writes OUT/results_per_case.csv, OUT/results_per_seed.csv, OUT/results.md (paper-style tables: "
         "mean Dice ± std over seeds per task group, with cost columns) and OUT/report.html (one page: "
         "what was run, per-group tables with Dice, HD95, NSD and costs, Dice-vs-k, and one query case "
@@ -125,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     show_outputs(console, result.outputs)
     done, total = len(result.cells), len(result.plan.cells)
     if not result.complete:
-        console.print(f"[yellow]{done} of {total} cells done; the tables cover those (run the other shards)")
+        console.print(f"[yellow]{done} of {total} cells done; the tables cover those "
+                      "(run the other shards, or wait for the runs still computing theirs)")  # fmt: skip
     return 0
 
 
@@ -169,8 +172,8 @@ class CellProgress:
                 self.bar.remove_task(self.epochs)
                 self.epochs = None
         else:
-            self.bar.update(self.cells, completed=event.index + 1,
-                            info=f"{name}: {'cached' if event.stage == 'cached' else f'{event.seconds:.0f} s'}")  # fmt: skip
+            status = {"cached": "cached", "claimed": "another run is computing it"}.get(event.stage, f"{event.seconds:.0f} s")
+            self.bar.update(self.cells, completed=event.index + 1, info=f"{name}: {status}")
 
     def on_epoch(self, report: Any) -> None:
         """Show the current cell's training (``EpochReport``)."""

@@ -396,6 +396,7 @@ def test_runs_sharing_a_folder_split_its_cells(workspace, reference, tmp_path, m
     assert not runner_module.cell_path(out, busy).exists()
     assert sorted(p.name for p in (out / runner_module.CLAIMS_DIR).iterdir()) == [claim.name]  # only the held one
     calls.clear()  # the lock released (its holder gone), the next run computes the cell
+    (out / "cells" / f".{busy.cell_id}.json.x1y2.tmp.json").write_text('{"cell": {"ta')  # another run's write
     run_benchmark(path, out, data_root=workspace["root"], model=str(workspace["model"]))
     assert calls == [busy.cell_id] and _dice(out) == _dice(reference)
 

@@ -320,6 +320,8 @@ def read_cells(folders: Sequence[str | Path]) -> list[CellResult]:
     found: dict[str, CellResult] = {}
     for folder in folders:
         for path in sorted((Path(folder) / CELLS_DIR).glob("*.json")):
+            if path.name.startswith("."):  # a write in progress (another run) or left by a killed one
+                continue
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -115,8 +117,11 @@ def test_disk_bound_removes_the_least_recently_used(base, tmp_path):
     x = torch.rand(1, 1, 40, 36, 34)
     one = compute_windows(base.features, x, ROI, overlap=0.5).nbytes
     store = FeatureStore(FeatureStoreConfig(str(tmp_path), memory_gb=0, disk_gb=1.5 * one / 2**30))
+    writing = tmp_path / ".k.pt.x1y2.tmp.pt"  # another process's write in progress: not the store's to evict
+    writing.write_bytes(b"\0" * one)
+    os.utime(writing, (1, 1))
     for i in range(3):
         store.windows(base.features, "m", x + i, ROI, overlap=0.5)
-    assert len(list(tmp_path.glob("*.pt"))) == 1 and not list(tmp_path.glob(".*"))
+    assert len([p for p in tmp_path.glob("*.pt") if p != writing]) == 1 and list(tmp_path.glob(".*")) == [writing]
     store.windows(base.features, "m", x + 2, ROI, overlap=0.5)  # the newest is still there
     assert (store.misses, store.hits) == (3, 1)

@@ -260,6 +260,8 @@ class FeatureStore:
         assert self.directory is not None
         entries = []
         for path in self.directory.glob("*.pt"):
+            if path.name.startswith("."):  # another process's write in progress
+                continue
             try:
                 stat = path.stat()
             except OSError:

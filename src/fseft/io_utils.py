@@ -10,6 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+#: Marks the temporary names of :func:`atomic_path` (``.<name>.<random>.tmp<suffixes>``).
+_TMP = ".tmp"
+
+
+def is_unfinished(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a temporary file of :func:`atomic_path`: a write in progress (perhaps by
+    another process) or one left by a killed process. Its name may still match a glob such as
+    ``*.json``, so readers of a folder that others write into skip it."""
+    name = Path(path).name
+    return name.startswith(".") and _TMP in name
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -21,7 +32,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f"{_TMP}{suffix}", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -37,7 +37,7 @@ from ..data.io import read_image, read_label
 from ..errors import ConfigError, DataError
 from ..evaluation import evaluate_masks
 from ..inference import PredictConfig, RefineHook, predict_image
-from ..io_utils import atomic_path, file_lock, write_json_atomic, write_text_atomic
+from ..io_utils import atomic_path, file_lock, is_unfinished, write_json_atomic, write_text_atomic
 from ..models import load_model, model_available
 from ..models.feature_store import FeatureStore, FeatureStoreConfig
 from ..report.benchmark_page import build_benchmark_report
@@ -320,7 +320,7 @@ def read_cells(folders: Sequence[str | Path]) -> list[CellResult]:
     found: dict[str, CellResult] = {}
     for folder in folders:
         for path in sorted((Path(folder) / CELLS_DIR).glob("*.json")):
-            if path.name.startswith("."):  # a write in progress (another run) or left by a killed one
+            if is_unfinished(path):  # being written by another run, or left by a killed one
                 continue
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))

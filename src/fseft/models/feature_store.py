@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..io_utils import save_torch_atomic
+from ..io_utils import is_unfinished, save_torch_atomic
 from .predict import sliding_window_logits
 
 logger = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ class FeatureStore:
         assert self.directory is not None
         entries = []
         for path in self.directory.glob("*.pt"):
-            if path.name.startswith("."):  # another process's write in progress
+            if is_unfinished(path):  # another process's write in progress
                 continue
             try:
                 stat = path.stat()

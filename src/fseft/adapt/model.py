@@ -18,6 +18,7 @@ from torch import nn
 from ..anatomy import canonical
 from ..errors import ConfigError
 from ..models import FoundationModel
+from ..models.foundation import start_absent
 from .methods import AdaptMethod, MethodConfig, get_method
 
 Task = Literal["binary", "multiclass"]
@@ -177,22 +178,28 @@ def initial_head(base: FoundationModel, structures: tuple[str, ...], task: Task)
     """A new ``1x1x1`` head for ``structures``, zero-shot initialised where possible.
 
     Rows of structures the base has a trained head row for are copies of it; other rows (novel
-    structures, untrained rows of a headless checkpoint) are Xavier-uniform with zero bias. For ``"multiclass"`` the background row (channel 0) is zero (weight and bias): with
-    every foreground logit ``l`` equal to the zero-shot sigmoid logit, ``softmax([0, l])`` equals
-    ``sigmoid(l)``, so the initial multi-class model makes the zero-shot decisions exactly.
+    structures, untrained rows of a headless checkpoint) start absent
+    (:func:`fseft.models.foundation.start_absent`). For ``"multiclass"`` the background row
+    (channel 0) is zero (weight and bias): with every foreground logit ``l`` equal to the zero-shot
+    sigmoid logit, ``softmax([0, l])`` equals ``sigmoid(l)``, so the initial multi-class model makes
+    the zero-shot decisions exactly.
     """
     off = int(task == "multiclass")
     ref = base.head.weight
     head = nn.Conv3d(base.feature_channels, off + len(structures), kernel_size=1).to(ref.device, ref.dtype)
+    known = {i: name for i, name in enumerate(structures)
+             if name in base.structures and name not in base.untrained_head_rows}  # fmt: skip
     with torch.no_grad():
+        # every row is overwritten below; the draw keeps the random stream of the adapter's own
+        # initialisation (which follows) as it was when new rows started from it
         nn.init.xavier_uniform_(head.weight)
-        head.bias.zero_()
         head.weight[:off].zero_()
-        for i, name in enumerate(structures):
-            if name in base.structures and name not in base.untrained_head_rows:
-                w, b = base.head_row(name)
-                head.weight[off + i, :, 0, 0, 0] = w
-                head.bias[off + i] = b
+        head.bias[:off].zero_()
+        start_absent(head, [off + i for i in range(len(structures)) if i not in known])
+        for i, name in known.items():
+            w, b = base.head_row(name)
+            head.weight[off + i, :, 0, 0, 0] = w
+            head.bias[off + i] = b
     return head
 
 

@@ -131,6 +131,7 @@ class Plan:
             "predict": dict(self.protocol.predict),
             "metrics": list(self.protocol.metrics),
             "nsd_tolerance_mm": self.protocol.nsd_tolerance_mm,
+            "head_init": HEAD_INIT,
             **({"support_draw": self.protocol.support_draw} if self.protocol.support_draw != "permutation" else {}),
         }  # fmt: skip
 
@@ -139,6 +140,10 @@ class Plan:
         text = json.dumps(self.cell_config(cell), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+
+#: How an adapted head's rows start (part of every cell's configuration: cells computed before new
+#: rows started absent, Xavier-uniform then, do not resume into a table of this code).
+HEAD_INIT = "trained rows copied, untrained rows absent (zero weights, prior bias)"
 
 #: MethodSpec fields left out of a cell's configuration dict ("groups" predates this and stays in).
 _NOT_RESULT = ("train", "tasks", "k")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import pickle
 import re
@@ -27,7 +26,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..io_utils import save_torch_atomic
 from .config import ModelConfig
-from .foundation import HEAD_PRIOR, FoundationModel, build_model
+from .foundation import FoundationModel, build_model, start_absent
 from .keymaps import LAYOUTS, extract_state_dict
 
 log = logging.getLogger(__name__)
@@ -242,10 +241,7 @@ def load_pretrained(
         for i, (w, b) in (rows or {}).items():
             model.head.weight[i].copy_(w)
             model.head.bias[i].copy_(b)
-        for s in report.new_head_rows:
-            i = model.structures.index(s)
-            model.head.weight[i].zero_()
-            model.head.bias[i].fill_(-math.log((1 - HEAD_PRIOR) / HEAD_PRIOR))
+    start_absent(model.head, [model.structures.index(s) for s in report.new_head_rows])
     if report.new_head_rows:
         model.extra["untrained_head_rows"] = list(report.new_head_rows)
     log.info("loaded %s: %s", name, report.summary())

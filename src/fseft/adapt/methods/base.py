@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ...models.foundation import start_absent
 from ...registry import Registry
 
 if TYPE_CHECKING:
@@ -47,8 +48,8 @@ class MethodConfig:
 
     Args:
         decoder: ``"frozen"`` (default), ``"fine-tuned"`` (pre-trained weights train) or ``"new"``
-            (re-initialised with each module's ``reset_parameters``, then trained; the head then starts
-            new as well: Xavier-uniform weights, zero bias).
+            (re-initialised with each module's ``reset_parameters``, then trained; every head row then
+            starts absent as well, :func:`restart_head`).
         bottleneck: Same policy for the bottleneck (SwinUNETR: the convolutional skip encoders
             ``encoder1..4, encoder10``; UNets: the deepest contracting block).
         lr: Learning rate; ``None`` uses the method's paper default (:meth:`AdaptMethod.default_lr`).
@@ -159,9 +160,7 @@ class AdaptMethod:
                         if callable(getattr(m, "reset_parameters", None)):
                             m.reset_parameters()
         if "new" in policies.values():
-            with torch.no_grad():
-                nn.init.xavier_uniform_(model.head.weight)
-                model.head.bias.zero_()
+            restart_head(model)
         added = self.inject(model)
         groups = [
             g
@@ -230,3 +229,13 @@ def get_method(name: str) -> type[AdaptMethod]:
 def list_methods() -> list[str]:
     """Registered method names, sorted."""
     return METHODS.names()
+
+
+def restart_head(model: AdaptedModel) -> None:
+    """Start every head row of ``model`` anew: foreground rows absent
+    (:func:`fseft.models.foundation.start_absent`), a multi-class background row zero."""
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    off = int(model.task == "multiclass")
+    start_absent(model.head, range(off, model.head.out_channels))

@@ -12,7 +12,7 @@ class LinearProbeConfig(MethodConfig):
     """Linear probe options: only the shared ones (decoder/bottleneck policy, lr).
 
     The head is initialised from the base's head row for structures it knows (zero-shot
-    initialisation), Xavier-uniform otherwise; multi-class heads get a zero background row
+    initialisation); other rows start absent (zero weights, prior bias); multi-class heads get a zero background row
     (:func:`fseft.adapt.model.initial_head`).
     """
 

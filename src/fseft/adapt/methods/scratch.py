@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 from ...models import FoundationModel
-from .base import register_method
+from .base import register_method, restart_head
 from .full_ft import FullFT, FullFTConfig
 
 if TYPE_CHECKING:
@@ -25,7 +24,7 @@ class ScratchConfig(FullFTConfig):
 class Scratch(FullFT):
     """As ``full-ft``, but every backbone weight is replaced by a fresh random initialisation (a newly
     built model of the same config, so parameters that have no ``reset_parameters``, such as Swin's
-    relative position tables, are re-drawn too) and the head is Xavier-uniform with zero bias; lr 1e-4."""
+    relative position tables, are re-drawn too) and every head row starts absent; lr 1e-4."""
 
     name = "scratch"
     description = "same as full-ft from random initialisation"
@@ -35,7 +34,5 @@ class Scratch(FullFT):
         """Re-initialise the base and the head in place; adds nothing."""
         fresh = FoundationModel(model.base.config)
         model.base.load_state_dict(fresh.state_dict())
-        with torch.no_grad():
-            nn.init.xavier_uniform_(model.head.weight)
-            model.head.bias.zero_()
+        restart_head(model)
         return []

@@ -134,9 +134,11 @@ def test_lr_reaches_per_query_refinement_and_each_input_is_read_once(workspace, 
     from fseft.inference import predictor, writer
 
     adapter = tmp_path / "pq.safetensors"
-    argv = args(workspace, adapter, "--method", "linear-probe", "--tx-mode", "per-query", "--lr", "0.0123")
+    argv = args(workspace, adapter, "--method", "linear-probe", "--tx-mode", "per-query", "--lr", "0.0123",
+                "--head-lr", "0.02")  # fmt: skip
     assert main(argv) == 0
     assert read_adapter_header(adapter)["config"]["lr"] == 0.0123
+    assert read_adapter_header(adapter)["config"]["head_lr"] == 0.02  # training's head rate only
     assert json.loads(adapter.with_name("pq.record.json").read_text())["lr"] == 0.0123
     rates, reads, preprocessed = [], [], []
     adam, read, preprocess = torch.optim.Adam, writer.read_image, predictor.preprocess_image

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fseft
-from fseft.adapt import apply_method
+from fseft.adapt import apply_method, get_method
 from fseft.adapt.api import AdaptRecord, adapt
 from fseft.adapt.early_stopping import PlateauStopper
 from fseft.adapt.support import CropSampler, SupportVolume, eligible_cases, sample_support
@@ -181,6 +181,21 @@ def test_multiclass_task_trains_a_softmax_head_with_background(tiny_base):
     assert result.loss_curve[-1] < result.loss_curve[0] - 0.2
     dice = heldout_dice(adapted, query)
     assert set(dice) == {"pancreas", "spleen"} and min(dice.values()) > 0.3
+
+
+def test_head_lr_trains_the_head_at_its_own_rate(tiny_base):
+    cfg = get_method("lora").config_cls(decoder="fine-tuned", head_lr=1e-2)
+    adapted = apply_method(tiny_base, "lora", ["pancreas"], config=cfg)
+    groups = adapted.param_groups(1e-4)
+    assert [g["lr"] for g in groups] == [1e-4, 1e-2] and groups[1]["params"] == list(adapted.head.parameters())
+    assert sum(len(g["params"]) for g in groups) == len(adapted.trainable_parameters())
+    before = {n: p.detach().clone() for n, p in adapted.trainable_parameters().items()}
+    fit(adapted, [volume(0)], AdaptTrainConfig(max_epochs=3, warmup_epochs=0, **FAST), lr=1e-8, seed=0, path="naive")
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in adapted.trainable_parameters().items()}
+    assert moved["head.bias"] > 1e-3  # AdamW moves each weight by about its lr per step
+    assert max(v for n, v in moved.items() if not n.startswith("head.")) < 1e-6
+    with pytest.raises(ConfigError, match="head_lr must be positive, got 0"):
+        get_method("lora").config_cls(head_lr=0)
 
 
 def test_max_steps_is_a_fixed_budget_whatever_k(tiny_base):

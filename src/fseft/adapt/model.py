@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -141,6 +141,19 @@ class AdaptedModel(nn.Module):
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters that train, by name."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The trained parameters as optimiser groups: all at ``lr``, the head's at the config's
+        ``head_lr`` when it sets one."""
+        params = self.trainable_parameters()
+        head_lr = self.config.head_lr
+        if head_lr is None:
+            return [{"params": list(params.values()), "lr": lr}]
+        head = {f"head.{n}" for n, _ in self.head.named_parameters()}
+        return [
+            {"params": [p for n, p in params.items() if n not in head], "lr": lr},
+            {"params": [p for n, p in params.items() if n in head], "lr": head_lr},
+        ]
 
     def num_trainable(self) -> int:
         """Number of trained parameter values."""

@@ -2,9 +2,10 @@
 
 Paper protocol (Silva-Rodríguez, Dolz & Ben Ayed, MedIA 2025, Sec. 4): each step takes one support
 volume and draws ``num_samples`` ROI crops centred on foreground / background voxels 1:1; soft Dice
-loss; AdamW without weight decay at the method's learning rate, one epoch of linear warm-up then
-cosine decay; at most 200 epochs (one epoch = one pass over the k support volumes) with early
-stopping when the 10-epoch moving average of the loss improves by less than 1e-3 over 20 epochs.
+loss; AdamW without weight decay at the method's learning rate (the head at its ``head_lr`` when
+the config sets one), one epoch of linear warm-up then cosine decay; at most 200 epochs (one
+epoch = one pass over the k support volumes) with early stopping when the 10-epoch moving average
+of the loss improves by less than 1e-3 over 20 epochs.
 
 Both paths draw identical crop coordinates for a given seed (:class:`~fseft.adapt.support.CropSampler`)
 and use the same loss, so with the same seed they reach the same Dice up to the small difference
@@ -356,8 +357,7 @@ def _epochs(
     result: FitResult,
 ) -> None:
     k = len(volumes)
-    params = [p for p in adapted.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(adapted.param_groups(lr), lr=lr, weight_decay=cfg.weight_decay)
     epochs = cfg.epochs_for(k)
     total = epochs * k
     scheduler = warmup_cosine(optimizer, min(cfg.warmup_epochs * k, total - 1), total)

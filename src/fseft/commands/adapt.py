@@ -31,6 +31,7 @@ class AdaptCommandConfig:
         epochs: Maximum epochs (None: the paper's 200).
         lr: Learning rate of the method (None: its paper default); also the rate of per-query
             refinement at prediction time.
+        head_lr: Learning rate of the head alone (None: ``lr``).
         val_case: Held-out validation case id (early stopping then watches its loss).
         cache_features: True: require cached black-box training, False: naive path, None: automatic.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -53,6 +54,7 @@ class AdaptCommandConfig:
     task: str = "binary"
     epochs: int | None = None
     lr: float | None = None
+    head_lr: float | None = None
     val_case: str | None = None
     cache_features: bool | None = None
     device: str = "auto"
@@ -119,6 +121,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 200)")
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate of the method, also used by 'fseft predict --transductive' (default: the method's)")  # fmt: skip
+    parser.add_argument("--head-lr", type=float, default=None,
+                        help="learning rate of the head alone, e.g. 1e-2 for a new structure while the decoder "
+                             "trains at 1e-4 (default: --lr)")  # fmt: skip
     parser.add_argument("--val-case", default=None, help="held-out validation case id (early stopping on it)")
     parser.add_argument(
         "--cache-features",
@@ -205,6 +210,7 @@ def _config(args: argparse.Namespace) -> AdaptCommandConfig:
         task=args.task,
         epochs=args.epochs,
         lr=args.lr,
+        head_lr=args.head_lr,
         val_case=args.val_case,
         cache_features=args.cache_features,
         device=args.device,
@@ -229,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{cfg.support}: support manifest not found")
     model = load_cli_model(name, structures=cfg.structures, allow_partial=cfg.allow_partial_load)
     method_cls = get_method(cfg.method)
-    method_cfg = from_dict(method_cls.config_cls, {"decoder": cfg.decoder, "bottleneck": cfg.bottleneck, "lr": cfg.lr})
+    method_cfg = from_dict(method_cls.config_cls, {"decoder": cfg.decoder, "bottleneck": cfg.bottleneck, "lr": cfg.lr,
+                                                   "head_lr": cfg.head_lr})
     train: dict[str, Any] = {"device": cfg.device}
     if cfg.epochs is not None:
         train["max_epochs"] = cfg.epochs

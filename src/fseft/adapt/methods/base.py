@@ -53,6 +53,11 @@ class MethodConfig:
         bottleneck: Same policy for the bottleneck (SwinUNETR: the convolutional skip encoders
             ``encoder1..4, encoder10``; UNets: the deepest contracting block).
         lr: Learning rate; ``None`` uses the method's paper default (:meth:`AdaptMethod.default_lr`).
+        head_lr: Learning rate of the head alone in training (per-query refinement keeps ``lr``);
+            ``None``: ``lr``. A new structure's head row
+            starts absent (zero weights), and with AdamW it grows by about the learning rate per
+            step; at the 1e-4 of a training decoder that also starves the decoder, whose gradient
+            flows through the row, so a new row at the linear probe's 1e-2 learns sooner.
 
     Raises:
         ConfigError: on an unknown policy or a non-positive learning rate.
@@ -61,6 +66,7 @@ class MethodConfig:
     decoder: Policy = "frozen"
     bottleneck: Policy = "frozen"
     lr: float | None = None
+    head_lr: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("decoder", "bottleneck"):
@@ -68,8 +74,10 @@ class MethodConfig:
                 raise ConfigError(
                     f"{key} policy must be one of {', '.join(POLICIES)}, got {getattr(self, key)!r}"
                 )
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
+        for key in ("lr", "head_lr"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
 
     @property
     def trains_backbone_groups(self) -> bool:

@@ -13,6 +13,7 @@ import fseft
 from fseft.adapt import apply_method, get_method
 from fseft.adapt.api import AdaptRecord, adapt
 from fseft.adapt.early_stopping import PlateauStopper
+from fseft.adapt.methods.base import NEW_HEAD_ROW_LR
 from fseft.adapt.support import CropSampler, SupportVolume, eligible_cases, sample_support
 from fseft.adapt.trainer import AdaptTrainConfig, fit, heldout_dice, resolve_path
 from fseft.data.cases import Case, LabelSource
@@ -183,19 +184,29 @@ def test_multiclass_task_trains_a_softmax_head_with_background(tiny_base):
     assert set(dice) == {"pancreas", "spleen"} and min(dice.values()) > 0.3
 
 
-def test_head_lr_trains_the_head_at_its_own_rate(tiny_base):
-    cfg = get_method("lora").config_cls(decoder="fine-tuned", head_lr=1e-2)
-    adapted = apply_method(tiny_base, "lora", ["pancreas"], config=cfg)
+def test_a_new_head_row_trains_at_least_at_the_probe_rate(tiny_base):
+    lora = get_method("lora").config_cls
+    adapted = apply_method(tiny_base, "lora", ["pancreas"], config=lora(decoder="fine-tuned"))
+    assert adapted.new_head_rows == ("pancreas",) and adapted.lr == 1e-4
     groups = adapted.param_groups(1e-4)
-    assert [g["lr"] for g in groups] == [1e-4, 1e-2] and groups[1]["params"] == list(adapted.head.parameters())
+    assert [g["lr"] for g in groups] == [1e-4, NEW_HEAD_ROW_LR] and groups[1]["params"] == list(adapted.head.parameters())
     assert sum(len(g["params"]) for g in groups) == len(adapted.trainable_parameters())
     before = {n: p.detach().clone() for n, p in adapted.trainable_parameters().items()}
     fit(adapted, [volume(0)], AdaptTrainConfig(max_epochs=3, warmup_epochs=0, **FAST), lr=1e-8, seed=0, path="naive")
     moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in adapted.trainable_parameters().items()}
-    assert moved["head.bias"] > 1e-3  # AdamW moves each weight by about its lr per step
+    assert moved["head.bias"] > 1e-3  # AdamW moves each weight by about its rate per step
     assert max(v for n, v in moved.items() if not n.startswith("head.")) < 1e-6
+    # a trained row keeps the method's one rate; the config's head_lr overrides either way
+    known = apply_method(tiny_base, "lora", ["liver"], config=lora(decoder="fine-tuned"))
+    assert known.new_head_rows == () and [g["lr"] for g in known.param_groups(1e-4)] == [1e-4]
+    set_rate = apply_method(tiny_base, "lora", ["pancreas"], config=lora(decoder="fine-tuned", head_lr=3e-3))
+    assert [g["lr"] for g in set_rate.param_groups(1e-4)] == [1e-4, 3e-3]
+    probe = apply_method(tiny_base, "linear-probe", ["pancreas"])  # already at 1e-2: one group
+    assert [g["lr"] for g in probe.param_groups(probe.lr)] == [1e-2]
+    new_decoder = apply_method(tiny_base, "lora", ["liver"], config=lora(decoder="new"))
+    assert new_decoder.new_head_rows == ("liver",) and len(new_decoder.param_groups(1e-4)) == 2
     with pytest.raises(ConfigError, match="head_lr must be positive, got 0"):
-        get_method("lora").config_cls(head_lr=0)
+        lora(head_lr=0)
 
 
 def test_max_steps_is_a_fixed_budget_whatever_k(tiny_base):

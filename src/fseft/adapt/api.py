@@ -74,6 +74,8 @@ class AdaptRecord:
         stop_reason: Why training stopped (see :class:`~fseft.adapt.trainer.FitResult`).
         device: Where it ran.
         support_draw: How the support was drawn (:data:`~fseft.adapt.support.SUPPORT_DRAWS`).
+        head_lr: The head's peak learning rate where it differs from ``lr`` (a head row that starts
+            new, or the config's ``head_lr``), else None.
     """
 
     method: str
@@ -100,6 +102,7 @@ class AdaptRecord:
     stop_reason: str = ""
     device: str = "cpu"
     support_draw: str = "permutation"
+    head_lr: float | None = None
 
     @property
     def final_loss(self) -> float | None:
@@ -330,6 +333,7 @@ def adapt(
         base_fingerprint=fingerprint,
         trainable_params=adapted.num_trainable(),
         lr=adapted.lr,
+        head_lr=_head_lr(adapted),
         path=result.path,
         wall_time_s=time.perf_counter() - start,
         feature_time_s=result.feature_time_s + (tx.feature_time_s if tx else 0.0),
@@ -392,3 +396,11 @@ def _method_config(method_cls: Any, config: Any | None) -> Any:
 
 
 __all__ = ["AdaptRecord", "AdaptResult", "PeakMemory", "adapt"]
+
+
+def _head_lr(adapted: AdaptedModel) -> float | None:
+    """The head's rate where it differs from the rest's (:attr:`AdaptRecord.head_lr`)."""
+    if adapted.lr is None:
+        return None
+    rate = adapted.head_lr(adapted.lr)
+    return rate if rate != adapted.lr else None

@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..models import FoundationModel
 from ..models.foundation import start_absent
 from .methods import AdaptMethod, MethodConfig, get_method
+from .methods.base import NEW_HEAD_ROW_LR
 
 Task = Literal["binary", "multiclass"]
 #: The prediction tasks: one sigmoid channel per structure, or one softmax with background.
@@ -68,6 +69,8 @@ class AdaptedModel(nn.Module):
         self.task = task
         self.method = method
         self.base_fingerprint = base_fingerprint
+        #: structures whose head row started absent (no trained row to start from)
+        self.new_head_rows: tuple[str, ...] = ()
         self._train_modules: tuple[str, ...] = ()
 
     @property
@@ -142,12 +145,18 @@ class AdaptedModel(nn.Module):
         """Parameters that train, by name."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
+    def head_lr(self, lr: float) -> float:
+        """The head's learning rate when the rest trains at ``lr``: the config's ``head_lr``, else
+        ``lr`` raised to :data:`~fseft.adapt.methods.base.NEW_HEAD_ROW_LR` when a row started new."""
+        if self.config.head_lr is not None:
+            return self.config.head_lr
+        return max(lr, NEW_HEAD_ROW_LR) if self.new_head_rows else lr
+
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        """The trained parameters as optimiser groups: all at ``lr``, the head's at the config's
-        ``head_lr`` when it sets one."""
+        """The trained parameters as optimiser groups: the head's at :meth:`head_lr`, the rest at ``lr``."""
         params = self.trainable_parameters()
-        head_lr = self.config.head_lr
-        if head_lr is None:
+        head_lr = self.head_lr(lr)
+        if head_lr == lr:
             return [{"params": list(params.values()), "lr": lr}]
         head = {f"head.{n}" for n, _ in self.head.named_parameters()}
         return [
@@ -187,6 +196,12 @@ def _target_structures(structures: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def new_head_rows(base: FoundationModel, structures: Sequence[str]) -> tuple[str, ...]:
+    """The ``structures`` that ``base`` has no trained head row for (novel ones, or untrained rows of
+    a headless checkpoint): their rows start absent."""
+    return tuple(s for s in structures if s not in base.structures or s in base.untrained_head_rows)
+
+
 def initial_head(base: FoundationModel, structures: tuple[str, ...], task: Task) -> nn.Conv3d:
     """A new ``1x1x1`` head for ``structures``, zero-shot initialised where possible.
 
@@ -200,8 +215,8 @@ def initial_head(base: FoundationModel, structures: tuple[str, ...], task: Task)
     off = int(task == "multiclass")
     ref = base.head.weight
     head = nn.Conv3d(base.feature_channels, off + len(structures), kernel_size=1).to(ref.device, ref.dtype)
-    known = {i: name for i, name in enumerate(structures)
-             if name in base.structures and name not in base.untrained_head_rows}  # fmt: skip
+    new = new_head_rows(base, structures)
+    known = {i: name for i, name in enumerate(structures) if name not in new}
     with torch.no_grad():
         # every row is overwritten below; the draw keeps the random stream of the adapter's own
         # initialisation (which follows) as it was when new rows started from it
@@ -252,5 +267,6 @@ def apply_method(
     fingerprint = base_fingerprint or model.fingerprint()
     base = copy.deepcopy(model)
     adapted = AdaptedModel(base, initial_head(base, targets, task), targets, task, method, fingerprint)
+    adapted.new_head_rows = new_head_rows(base, targets)
     method.setup(adapted)
     return adapted

@@ -141,9 +141,10 @@ class Plan:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-#: How an adapted head's rows start (part of every cell's configuration: cells computed before new
-#: rows started absent, Xavier-uniform then, do not resume into a table of this code).
-HEAD_INIT = "trained rows copied, untrained rows absent (zero weights, prior bias)"
+#: How an adapted head's rows start and train (part of every cell's configuration: cells computed
+#: when new rows started Xavier-uniform, or absent at the method's rate, do not resume into a table
+#: of this code).
+HEAD_INIT = "trained rows copied; untrained rows absent (zero weights, prior bias), head lr >= 1e-2"
 
 #: MethodSpec fields left out of a cell's configuration dict ("groups" predates this and stays in).
 _NOT_RESULT = ("train", "tasks", "k")

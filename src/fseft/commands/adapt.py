@@ -318,7 +318,8 @@ def _summary(record: Any, cfg: AdaptCommandConfig) -> None:
     table.add_column()
     final = record.final_loss
     rows = [
-        ("method", f"{record.method} ({record.task}, {record.path} path, lr {record.lr or 0:g})"),
+        ("method", f"{record.method} ({record.task}, {record.path} path, lr {record.lr or 0:g}"
+                   + (f", head {record.head_lr:g})" if record.head_lr is not None else ")")),
         ("support", f"k={record.k}, seed {record.seed}: {', '.join(record.support_case_ids)}"),
         ("validation", record.validation_case_id or "-"),
         ("trainable params", f"{record.trainable_params:,}"),

@@ -38,7 +38,8 @@ def start_absent(head: nn.Conv3d, rows: Iterable[int]) -> None:
     which is a lottery: over six seeds that row first called 2% to 92% of an OpenKBP larynx crop
     foreground, and LoRA with the decoder fine-tuned (larynx, k=10) reached Dice 0.024 after 1600
     steps on a seed whose row started at 79%, against 0.616 after 800 steps from this start
-    (docs/results/openkbp.md).
+    (docs/results/openkbp.md). Adaptation trains such a row at no less than
+    :data:`fseft.adapt.methods.base.NEW_HEAD_ROW_LR`.
     """
     with torch.no_grad():
         for i in rows:

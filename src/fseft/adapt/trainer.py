@@ -2,10 +2,10 @@
 
 Paper protocol (Silva-Rodríguez, Dolz & Ben Ayed, MedIA 2025, Sec. 4): each step takes one support
 volume and draws ``num_samples`` ROI crops centred on foreground / background voxels 1:1; soft Dice
-loss; AdamW without weight decay at the method's learning rate (the head at its ``head_lr`` when
-the config sets one), one epoch of linear warm-up then cosine decay; at most 200 epochs (one
-epoch = one pass over the k support volumes) with early stopping when the 10-epoch moving average
-of the loss improves by less than 1e-3 over 20 epochs.
+loss; AdamW without weight decay at the method's learning rate (a head with a row that starts new
+at no less than 1e-2, :meth:`AdaptedModel.head_lr`), one epoch of linear warm-up then cosine
+decay; at most 200 epochs (one epoch = one pass over the k support volumes) with early stopping
+when the 10-epoch moving average of the loss improves by less than 1e-3 over 20 epochs.
 
 Both paths draw identical crop coordinates for a given seed (:class:`~fseft.adapt.support.CropSampler`)
 and use the same loss, so with the same seed they reach the same Dice up to the small difference

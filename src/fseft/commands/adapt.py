@@ -31,7 +31,8 @@ class AdaptCommandConfig:
         epochs: Maximum epochs (None: the paper's 200).
         lr: Learning rate of the method (None: its paper default); also the rate of per-query
             refinement at prediction time.
-        head_lr: Learning rate of the head alone (None: ``lr``).
+        head_lr: Learning rate of the head alone (None: ``lr``, raised to 1e-2 when a structure has no
+            trained head row).
         val_case: Held-out validation case id (early stopping then watches its loss).
         cache_features: True: require cached black-box training, False: naive path, None: automatic.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -122,8 +123,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate of the method, also used by 'fseft predict --transductive' (default: the method's)")  # fmt: skip
     parser.add_argument("--head-lr", type=float, default=None,
-                        help="learning rate of the head alone, e.g. 1e-2 for a new structure while the decoder "
-                             "trains at 1e-4 (default: --lr)")  # fmt: skip
+                        help="learning rate of the head alone (default: --lr, raised to 1e-2 when a structure "
+                             "has no trained head row: its row starts at zero)")  # fmt: skip
     parser.add_argument("--val-case", default=None, help="held-out validation case id (early stopping on it)")
     parser.add_argument(
         "--cache-features",

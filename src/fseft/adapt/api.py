@@ -395,12 +395,13 @@ def _method_config(method_cls: Any, config: Any | None) -> Any:
     return config
 
 
-__all__ = ["AdaptRecord", "AdaptResult", "PeakMemory", "adapt"]
-
-
 def _head_lr(adapted: AdaptedModel) -> float | None:
     """The head's rate where it differs from the rest's (:attr:`AdaptRecord.head_lr`)."""
     if adapted.lr is None:
         return None
     rate = adapted.head_lr(adapted.lr)
     return rate if rate != adapted.lr else None
+
+
+__all__ = ["AdaptRecord", "AdaptResult", "PeakMemory", "adapt"]
+

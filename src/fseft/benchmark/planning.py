@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapt.methods import get_method
+from ..adapt.methods.base import NEW_HEAD_ROW_LR
 from ..adapt.model import apply_method
 from ..adapt.support import eligible_cases
 from ..config import to_dict
@@ -143,8 +144,11 @@ class Plan:
 
 #: How an adapted head's rows start and train (part of every cell's configuration: cells computed
 #: when new rows started Xavier-uniform, or absent at the method's rate, do not resume into a table
-#: of this code).
-HEAD_INIT = "trained rows copied; untrained rows absent (zero weights, prior bias), head lr >= 1e-2"
+#: of this code). It follows NEW_HEAD_ROW_LR, so changing that rate re-keys every cell.
+HEAD_INIT = (
+    "trained rows copied; untrained rows absent (zero weights, prior bias), "
+    f"head lr >= {NEW_HEAD_ROW_LR:.0e}".replace("e-0", "e-")
+)
 
 #: MethodSpec fields left out of a cell's configuration dict ("groups" predates this and stays in).
 _NOT_RESULT = ("train", "tasks", "k")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from fseft.adapt.methods.base import NEW_HEAD_ROW_LR
 from fseft.benchmark import (
     CellResult,
     load_protocol,
@@ -24,7 +25,7 @@ from fseft.benchmark import (
 )
 from fseft.benchmark import runner as runner_module
 from fseft.benchmark.cells import CellCost, MetricRow
-from fseft.benchmark.planning import Cell, shard
+from fseft.benchmark.planning import HEAD_INIT, Cell, shard
 from fseft.benchmark.tables import group_table, markdown
 from fseft.cli import main
 from fseft.data.image import Image
@@ -578,8 +579,5 @@ def test_cells_written_before_a_row_was_added_take_the_protocols_order():
 def test_every_cell_records_the_new_head_row_rate_it_ran_under():
     """The head-start text in each cell's configuration names the trainer's rate for a new row, so
     changing that rate re-keys the cells (and leaves the committed ones' text as it was)."""
-    from fseft.adapt.methods.base import NEW_HEAD_ROW_LR
-    from fseft.benchmark.planning import HEAD_INIT
-
     assert float(HEAD_INIT.rsplit(">= ", 1)[1]) == NEW_HEAD_ROW_LR
     assert HEAD_INIT.endswith("head lr >= 1e-2")  # the text the committed openkbp cells were keyed with
